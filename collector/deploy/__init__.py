@@ -1,0 +1,1 @@
+"""Deployment files shipped with the collector (the production broker configuration)."""

@@ -1,0 +1,1 @@
+"""Sensor backends behind one small interface (:class:`edge_agent.sensors.base.Source`)."""
