@@ -77,7 +77,9 @@ def mel_to_hz(mel: np.ndarray | float) -> np.ndarray:
     return 700.0 * (10.0 ** (np.asarray(mel, dtype=np.float64) / 2595.0) - 1.0)
 
 
-def mel_filterbank(sample_rate: int, n_fft: int, n_mels: int, fmin: float = 50.0, fmax: float | None = None) -> np.ndarray:
+def mel_filterbank(
+    sample_rate: int, n_fft: int, n_mels: int, fmin: float = 50.0, fmax: float | None = None
+) -> np.ndarray:
     """Triangular HTK mel filters, shape ``[n_mels, n_fft // 2 + 1]``, each normalised to unit area."""
     fmax = sample_rate / 2 if fmax is None else fmax
     bins = np.fft.rfftfreq(n_fft, 1.0 / sample_rate)
