@@ -1,0 +1,189 @@
+"""Collector settings: defaults, then a YAML ``--config`` file, then ``FLEET_*`` environment variables.
+
+Environment variables win over the file (a deployment overrides one value without editing the
+file). Unknown keys in the file are an error, so a typo fails loudly instead of being ignored.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+
+class ConfigError(ValueError):
+    """A configuration file that cannot be read or does not validate."""
+
+
+class _YamlSource(PydanticBaseSettingsSource):
+    """Values from a YAML mapping, below the environment in priority."""
+
+    def __init__(self, settings_cls: type[BaseSettings], data: dict[str, Any]) -> None:
+        super().__init__(settings_cls)
+        self._data = data
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        """Return the file's value for one field (unused: ``__call__`` hands over the whole mapping)."""
+        return self._data.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        # Every key goes through, known or not, so that extra="forbid" reports typos.
+        return dict(self._data)
+
+
+class Settings(BaseSettings):
+    """Everything the collector process needs to know. Every field can be set as ``FLEET_<NAME>``."""
+
+    model_config = SettingsConfigDict(env_prefix="FLEET_", extra="forbid", validate_default=True)
+
+    data_dir: Path = Field(
+        Path("var"), description="Folder for the SQLite database, artefacts and other local state (created on use)."
+    )
+    database_url: str | None = Field(
+        None,
+        description="SQLAlchemy URL of the store: sqlite:///PATH (default <data_dir>/fleet.db) or "
+        "postgresql://user:pass@host/db (psycopg 3 driver; postgresql+psycopg:// also accepted).",
+    )
+    mqtt_url: str = Field(
+        "mqtt://127.0.0.1:1883",
+        description="Broker URL: mqtt://host:port or mqtts://host:port (TLS); user:password@ may be given here too.",
+    )
+    mqtt_protocol: Literal["5", "3.1.1"] = Field(
+        "5",
+        description="MQTT protocol version. 5 for Mosquitto and clusters (shared subscriptions possible); "
+        "3.1.1 for the demo's embedded amqtt broker.",
+    )
+    mqtt_client_id: str = Field(
+        "fleet-collector",
+        min_length=1,
+        max_length=64,
+        description="MQTT client id. Keep it stable: the broker keeps the persistent session (queued "
+        "messages while the collector is down) under this id. Give every replica its own.",
+    )
+    mqtt_shared_subscription: bool = Field(
+        False,
+        description="Subscribe with $share/collectors/... so several collector replicas share the load (MQTT 5 only).",
+    )
+    mqtt_username: str | None = Field(None, description="MQTT user name (overrides one in mqtt_url).")
+    mqtt_password: str | None = Field(None, description="MQTT password (overrides one in mqtt_url).")
+    mqtt_keepalive_s: int = Field(30, ge=5, le=3600, description="MQTT keepalive interval in seconds.")
+    mqtt_session_expiry_s: int = Field(
+        7 * 24 * 3600,
+        ge=1,
+        description="MQTT 5 session expiry: how long the broker keeps queuing for a collector that is down.",
+    )
+    api_token: str | None = Field(
+        None, description="Bearer token the HTTP API requires; None leaves the API open (loopback and demo only)."
+    )
+    ingest_max_batch_messages: int = Field(
+        100,
+        ge=1,
+        le=10_000,
+        description="Most MQTT messages written in one transaction. Keep it below the broker's "
+        "max_inflight_messages (200 in collector/deploy/mosquitto.conf), or the broker stops sending "
+        "until the commit and the pipeline stalls.",
+    )
+    ingest_max_delay_ms: int = Field(
+        20,
+        ge=0,
+        le=10_000,
+        description="Longest wait for more messages after the first of a group before it is committed.",
+    )
+    quarantine_max_payload_bytes: int = Field(
+        65_536,
+        ge=0,
+        le=4 * 1024 * 1024,
+        description="Bytes of an invalid payload kept in the quarantine table (its size and sha256 are always kept).",
+    )
+    auto_migrate: bool = Field(True, description="Upgrade the database schema to the newest migration at start.")
+    http_host: str = Field("127.0.0.1", description="Address the HTTP API and dashboard listen on.")
+    http_port: int = Field(8000, ge=1, le=65535, description="Port the HTTP API and dashboard listen on.")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Logging level.")
+
+    @field_validator("mqtt_protocol", mode="before")
+    @classmethod
+    def _protocol_as_text(cls, value: Any) -> Any:
+        # YAML reads `mqtt_protocol: 5` as an integer.
+        return str(value) if isinstance(value, int | float) else value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_level(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("mqtt_url")
+    @classmethod
+    def _check_mqtt_url(cls, value: str) -> str:
+        if not value.startswith(("mqtt://", "mqtts://", "tcp://", "ssl://")):
+            raise ValueError("must start with mqtt:// or mqtts://")
+        return value
+
+    @model_validator(mode="after")
+    def _default_database(self) -> Settings:
+        if not self.database_url:
+            self.database_url = f"sqlite:///{self.data_dir / 'fleet.db'}"
+        return self
+
+    @property
+    def database(self) -> str:
+        """The database URL (always set after validation)."""
+        assert self.database_url is not None
+        return self.database_url
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Explicit arguments, then environment, then the YAML file (when loading one)."""
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if _FILE_DATA:
+            sources.append(_YamlSource(settings_cls, _FILE_DATA[-1]))
+        sources.append(file_secret_settings)
+        return tuple(sources)
+
+
+# The YAML mapping being loaded, handed to settings_customise_sources (a classmethod without arguments).
+_FILE_DATA: list[dict[str, Any]] = []
+
+
+def load_settings(config_path: str | Path | None = None) -> Settings:
+    """Settings from defaults, the optional YAML file and the environment; :class:`ConfigError` if invalid."""
+    if config_path is None:
+        try:
+            return Settings()
+        except ValidationError as exc:
+            raise ConfigError(f"invalid FLEET_* settings: {exc}") from None
+    path = Path(config_path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict) or not all(isinstance(k, str) for k in data):
+        raise ConfigError(f"config file {path} must be a mapping of setting names to values")
+    _FILE_DATA.append(data)
+    try:
+        return Settings()
+    except ValidationError as exc:
+        raise ConfigError(f"config file {path} (or FLEET_* environment) is invalid: {exc}") from None
+    finally:
+        _FILE_DATA.pop()
+
+
+@functools.lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings from the environment (cached; tests call ``get_settings.cache_clear()``)."""
+    return load_settings(None)

@@ -1,0 +1,182 @@
+"""SQLModel table models of the ingest side (devices, inference records, envelopes, gaps, quarantine, events).
+
+These classes are storage, not API schemas (the API has its own models). Every timestamp is a
+float in seconds since the Unix epoch (UTC): ``received_at``/``first_seen``/``status_at`` are the
+collector's clock, ``ts`` of a record or event is the device's clock.
+
+``inference`` is the high-volume table. Its primary key is the idempotency key
+``(device_id, spool_epoch, seq)``; it has no foreign key to ``device`` because PostgreSQL checks
+a foreign key with a trigger per row, which costs more than the bulk write itself (devices are
+never deleted; retiring one is a status). It is not partitioned yet: partitioning by time on
+PostgreSQL needs the partition key (``ts``) in the primary key, which a later migration adds
+together with the retention job.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
+from sqlmodel import Field, SQLModel
+
+# JSONB on PostgreSQL (indexable, compact), JSON text elsewhere.
+JSONType = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
+# SQLite only auto-increments an INTEGER PRIMARY KEY; PostgreSQL gets a 64-bit identity.
+BigId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+
+ID_LEN = 64  # device ids (shared.topics)
+NAME_LEN = 128  # every string of the batch envelope (shared.codec.Limits.max_string)
+STATUSES = ("online", "offline", "stopped", "unknown")
+
+
+class Device(SQLModel, table=True):
+    """A vehicle, registered the first time any of its topics is heard from."""
+
+    __tablename__ = "device"
+
+    id: str = Field(primary_key=True, sa_type=sa.String(ID_LEN))
+    first_seen: float = Field(sa_type=sa.Double())
+    last_seen: float = Field(sa_type=sa.Double())
+    status: str = Field("unknown", sa_type=sa.String(16), description="online | offline | stopped | unknown")
+    status_at: float | None = Field(None, sa_type=sa.Double())
+    agent_version: str | None = Field(None, sa_type=sa.String(NAME_LEN))
+    model_name: str | None = Field(None, sa_type=sa.String(NAME_LEN))
+    model_version: str | None = Field(None, sa_type=sa.String(NAME_LEN))
+    profile: str | None = Field(None, sa_type=sa.String(NAME_LEN))
+    boot_id: str | None = Field(None, sa_type=sa.String(NAME_LEN))
+    spool_epoch: str | None = Field(None, sa_type=sa.String(NAME_LEN))
+    spool_depth: int | None = Field(None, sa_type=sa.BigInteger())
+    spool_bytes: int | None = Field(None, sa_type=sa.BigInteger())
+    inference_rate: float | None = Field(None, sa_type=sa.Double())
+    sensors: dict[str, Any] = Field(default_factory=dict, sa_type=JSONType)
+    tags: list[str] = Field(default_factory=list, sa_type=JSONType)
+    reported: dict[str, Any] | None = Field(None, sa_type=JSONType, description="last `reported` message")
+    reported_at: float | None = Field(None, sa_type=sa.Double())
+    records: int = Field(0, sa_type=sa.BigInteger(), description="inference records stored")
+    declared_lost: int = Field(0, sa_type=sa.BigInteger(), description="records the device declared lost")
+
+
+class Inference(SQLModel, table=True):
+    """One inference record. Arrays are raw little-endian bytes, as they arrived on the wire.
+
+    ``probs`` float16 ``[classes]``; ``features`` float16 or float32 (``features_dtype`` ``<f2``
+    / ``<f4``) ``[features]``; ``act_bits`` ``np.packbits(hidden > 0)``; ``act_sample`` float16
+    ``[hidden]`` for the sampled records, else NULL. ``label`` NULL when unknown at capture.
+    ``ts_corrected``: ``ts`` when the device clock was NTP-synced, otherwise the receive time
+    minus the monotonic age of the record (``sent_mono - mono``).
+    """
+
+    __tablename__ = "inference"
+    __table_args__ = (
+        sa.Index("ix_inference_device_ts", "device_id", "ts"),
+        sa.Index("ix_inference_model_ts", "model_version", "ts"),
+        sa.Index("ix_inference_ts", "ts"),
+    )
+
+    device_id: str = Field(primary_key=True, sa_type=sa.String(ID_LEN))
+    spool_epoch: str = Field(primary_key=True, sa_type=sa.String(NAME_LEN))
+    seq: int = Field(primary_key=True, sa_type=sa.BigInteger(), sa_column_kwargs={"autoincrement": False})
+    role: str = Field(sa_type=sa.String(16))
+    model_name: str = Field(sa_type=sa.String(NAME_LEN))
+    model_version: str = Field(sa_type=sa.String(NAME_LEN))
+    ts: float = Field(sa_type=sa.Double())
+    ts_corrected: float = Field(sa_type=sa.Double())
+    received_at: float = Field(sa_type=sa.Double())
+    pred: int = Field(sa_type=sa.SmallInteger())
+    label: int | None = Field(None, sa_type=sa.SmallInteger())
+    confidence: float = Field(sa_type=sa.REAL())
+    calibrated: float = Field(sa_type=sa.REAL())
+    probs: bytes = Field(sa_type=sa.LargeBinary())
+    features: bytes = Field(sa_type=sa.LargeBinary())
+    features_dtype: str = Field(sa_type=sa.String(4))
+    act_bits: bytes = Field(sa_type=sa.LargeBinary())
+    act_sample: bytes | None = Field(None, sa_type=sa.LargeBinary())
+    coact: int = Field(sa_type=sa.Integer())
+    latency_us: float = Field(sa_type=sa.REAL())
+    sensor_flags: int = Field(sa_type=sa.Integer())
+    digest: int = Field(sa_type=sa.BigInteger(), description="shared.codec.record_digests")
+
+
+class IngestBatch(SQLModel, table=True):
+    """The envelope of one accepted telemetry payload."""
+
+    __tablename__ = "ingest_batch"
+    __table_args__ = (
+        sa.Index("ix_ingest_batch_device_received", "device_id", "received_at"),
+        sa.Index("ix_ingest_batch_received", "received_at"),
+    )
+
+    id: int | None = Field(None, primary_key=True, sa_type=BigId)
+    device_id: str = Field(sa_type=sa.String(ID_LEN))
+    spool_epoch: str = Field(sa_type=sa.String(NAME_LEN))
+    boot_id: str = Field(sa_type=sa.String(NAME_LEN))
+    seq_first: int = Field(sa_type=sa.BigInteger())
+    seq_last: int = Field(sa_type=sa.BigInteger())
+    n_records: int = Field(sa_type=sa.Integer())
+    inserted: int = Field(sa_type=sa.Integer())
+    duplicates: int = Field(sa_type=sa.Integer())
+    conflicts: int = Field(sa_type=sa.Integer())
+    sent_at: float = Field(sa_type=sa.Double())
+    sent_mono: float = Field(sa_type=sa.Double())
+    clock_synced: bool = Field(sa_type=sa.Boolean())
+    profile: str = Field(sa_type=sa.String(NAME_LEN))
+    agent_version: str = Field(sa_type=sa.String(NAME_LEN))
+    received_at: float = Field(sa_type=sa.Double())
+    payload_bytes: int = Field(sa_type=sa.Integer())
+
+
+class DeclaredGap(SQLModel, table=True):
+    """A seq range a device declared lost (``spool_full``, ``crash``), stored once."""
+
+    __tablename__ = "declared_gap"
+    __table_args__ = (
+        sa.UniqueConstraint("device_id", "spool_epoch", "seq_first", "seq_last", name="uq_declared_gap_range"),
+    )
+
+    id: int | None = Field(None, primary_key=True, sa_type=BigId)
+    device_id: str = Field(sa_type=sa.String(ID_LEN))
+    spool_epoch: str = Field(sa_type=sa.String(NAME_LEN))
+    seq_first: int = Field(sa_type=sa.BigInteger())
+    seq_last: int = Field(sa_type=sa.BigInteger())
+    reason: str = Field(sa_type=sa.String(NAME_LEN))
+    received_at: float = Field(sa_type=sa.Double())
+
+
+class Quarantine(SQLModel, table=True):
+    """An invalid payload (or the conflicting records of one), kept for inspection."""
+
+    __tablename__ = "quarantine"
+    __table_args__ = (
+        sa.Index("ix_quarantine_received", "received_at"),
+        sa.Index("ix_quarantine_reason_received", "reason", "received_at"),
+        sa.Index("ix_quarantine_device", "device_id"),
+    )
+
+    id: int | None = Field(None, primary_key=True, sa_type=BigId)
+    received_at: float = Field(sa_type=sa.Double())
+    topic: str = Field(sa_type=sa.Text())
+    device_id: str | None = Field(None, sa_type=sa.String(ID_LEN))
+    reason: str = Field(sa_type=sa.String(64))
+    detail: str = Field("", sa_type=sa.Text())
+    payload: bytes = Field(sa_type=sa.LargeBinary(), description="the payload, cut at quarantine_max_payload_bytes")
+    payload_bytes: int = Field(sa_type=sa.Integer(), description="size of the whole payload")
+    payload_sha256: str = Field(sa_type=sa.String(64))
+
+
+class DeviceEvent(SQLModel, table=True):
+    """One message of a device's ``events`` topic."""
+
+    __tablename__ = "device_event"
+    __table_args__ = (
+        sa.Index("ix_device_event_device_ts", "device_id", "ts"),
+        sa.Index("ix_device_event_received", "received_at"),
+    )
+
+    id: int | None = Field(None, primary_key=True, sa_type=BigId)
+    device_id: str = Field(sa_type=sa.String(ID_LEN))
+    ts: float = Field(sa_type=sa.Double(), description="device clock")
+    kind: str = Field(sa_type=sa.String(64))
+    message: str = Field("", sa_type=sa.Text())
+    data: dict[str, Any] = Field(default_factory=dict, sa_type=JSONType)
+    received_at: float = Field(sa_type=sa.Double())

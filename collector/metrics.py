@@ -1,0 +1,36 @@
+"""Prometheus metrics of the collector (default registry, served at ``/metrics``)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+INGEST_MESSAGES = Counter(
+    "fleet_ingest_messages_total", "MQTT messages taken from the broker, by topic kind.", ["kind"]
+)
+INGEST_RECORDS = Counter(
+    "fleet_ingest_records_total",
+    "Inference records received, by outcome (inserted, duplicate, conflict).",
+    ["outcome"],
+)
+INGEST_QUARANTINED = Counter(
+    "fleet_ingest_quarantined_total", "Payloads or records put in quarantine, by reason.", ["reason"]
+)
+INGEST_DECLARED_LOST = Counter(
+    "fleet_ingest_declared_lost_records_total", "Records devices declared lost (spool_full, crash), first report only."
+)
+INGEST_COMMITS = Counter("fleet_ingest_commits_total", "Ingest transactions committed.")
+INGEST_COMMIT_FAILURES = Counter(
+    "fleet_ingest_commit_failures_total", "Ingest transactions that failed (retried, messages not acknowledged)."
+)
+INGEST_COMMIT_SECONDS = Histogram(
+    "fleet_ingest_commit_seconds",
+    "Time to write and commit one group of messages.",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+)
+INGEST_GROUP_MESSAGES = Histogram(
+    "fleet_ingest_group_messages",
+    "MQTT messages per ingest transaction.",
+    buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000),
+)
+INGEST_QUEUE_DEPTH = Gauge("fleet_ingest_queue_depth", "Messages received and not yet committed.")
+MQTT_CONNECTED = Gauge("fleet_mqtt_connected", "1 while the collector's MQTT client is connected.")
