@@ -1,0 +1,507 @@
+"""The agent's wiring: start in order, run the main loop, stop in reverse, draining.
+
+Start order: configuration (given), bundle and engine (verified, golden self-test), spool
+(crash recovery), sensor source, uplink, then the main loop and the status writer threads. Stop
+runs the other way: the main loop ends, the spool is flushed, the uplink publishes ``stopped``,
+the source is released and the spool closed (lowering its seq reservation, so a clean restart
+declares no crash gap). All threads are named and share one stop event; SIGTERM and SIGINT set it.
+
+Two loops feed the same inference, spool and uplink path:
+
+* *live*: one observation per tick on an absolute schedule at ``sensors.rate_hz`` (no drift; a
+  late tick is caught up, a long stall is skipped and counted), features from
+  :class:`shared.features.FeaturePipeline`;
+* *replay*: feature rows from a CSV in chunks through :meth:`Engine.infer_many`, paced at a rate
+  or as fast as possible, with the replay cursor committed in the same transaction as the
+  records, back-pressure when the spool runs ahead of the collector, and completion once every
+  record is acknowledged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import threading
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge_agent.config import AgentConfig
+from edge_agent.inference import Engine
+from edge_agent.labels import LateLabels
+from edge_agent.sensors.base import Observation, Source, SourceExhausted
+from edge_agent.spool import ReplayCursor, Spool
+from edge_agent.uplink import Uplink
+from shared.bundle import Bundle, load_bundle
+from shared.codec import NO_LABEL
+from shared.features import FeaturePipeline
+from shared.messages import ModelRef, Reported, Status
+from shared.signing import load_public_keys
+
+log = logging.getLogger(__name__)
+
+STATUS_FILE_INTERVAL_S = 2.0
+MAX_CONSECUTIVE_ERRORS = 50
+REPLAY_CHUNK_ROWS = 500
+
+
+def agent_version() -> str:
+    """The installed package version (``0.0.0`` when running from an uninstalled tree)."""
+    try:
+        return metadata.version("fleet-model-health")
+    except metadata.PackageNotFoundError:
+        return "0.0.0"
+
+
+def load_configured_bundle(config: AgentConfig) -> Bundle:
+    """Load and verify the configured bundle against the pinned keys (raises ``BundleError``)."""
+    keys = load_public_keys(list(config.model.trusted_keys))
+    return load_bundle(Path(config.model.bundle), keys)
+
+
+def file_identity(path: Path) -> str:
+    """A replay file's identity for the cursor: its size and the hash of its first MiB."""
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        h.update(fh.read(1 << 20))
+    return f"{path.name}:{path.stat().st_size}:{h.hexdigest()[:16]}"
+
+
+@dataclass
+class ReplaySettings:
+    """What `edge-agent replay` asks of the agent."""
+
+    csv: Path
+    label_column: str | None = None
+    rate: float = 0.0  # records per second; 0 = as fast as possible
+    from_start: bool = False
+
+
+@dataclass
+class LoopCounters:
+    """What the main loop did."""
+
+    ticks: int = 0
+    records: int = 0
+    read_errors: int = 0
+    inference_errors: int = 0
+    skipped_ticks: int = 0
+    late_labels: int = 0
+    replay_rows: int = 0
+    replay_bad_rows: int = 0
+
+
+class Agent:
+    """One device: engine, spool, source and uplink, run by a main loop thread."""
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        *,
+        bundle: Bundle | None = None,
+        source: Source | None = None,
+        replay: ReplaySettings | None = None,
+        stop_event: threading.Event | None = None,
+    ) -> None:
+        self.config = config
+        self.device_id = config.device.id
+        self.boot_id = uuid.uuid4().hex
+        self.version = agent_version()
+        self.stop_event = stop_event or threading.Event()
+        self.finished = threading.Event()
+        self.failed: str | None = None
+        self.counters = LoopCounters()
+        self._bundle = bundle
+        self._source = source
+        self._replay = replay
+        self._threads: list[threading.Thread] = []
+        self._started = False
+        self._stopped = False
+        self._rate = 0.0
+        self._rate_mark = (time.monotonic(), 0)
+        self.engine: Engine | None = None
+        self.spool: Spool | None = None
+        self.source: Source | None = None
+        self.uplink: Uplink | None = None
+        self.labels: LateLabels | None = None
+        self._replay_source: Any = None
+
+    # -------------------------------------------------------------------------------- start
+
+    def start(self) -> None:
+        """Start every part in order; on failure, stop what was started and re-raise."""
+        cfg = self.config
+        try:
+            bundle = self._bundle or load_configured_bundle(cfg)
+            self.engine = Engine(
+                bundle,
+                num_threads=cfg.model.threads,
+                backend=cfg.model.backend,
+                act_sample_fraction=cfg.activations.sample_fraction,
+                seed=cfg.sensors.seed,
+            )
+            cfg.state_dir.mkdir(parents=True, exist_ok=True)
+            self.spool = Spool(
+                cfg.spool_path,
+                max_bytes=cfg.spool.max_bytes,
+                commit_interval_s=cfg.spool.commit_interval_s,
+                commit_max_records=cfg.spool.commit_max_records,
+                chunk_max_records=cfg.uplink.batch_max_records,
+            )
+            if cfg.labels.late_label_fraction > 0:
+                self.labels = LateLabels(cfg.late_labels_path, cfg.labels.late_label_fraction, seed=cfg.sensors.seed)
+            if self._replay is not None:
+                self._open_replay(self._replay)
+            else:
+                self.source = self._source or self._make_source()
+                self.source.start()
+            self.uplink = Uplink(
+                device_id=self.device_id,
+                spool=self.spool,
+                mqtt_settings=cfg.mqtt,
+                settings=cfg.uplink,
+                boot_id=self.boot_id,
+                profile=cfg.device.profile,
+                agent_version=self.version,
+                client_id=cfg.client_id,
+                status=self.status_message,
+                reported=self.reported_message,
+            )
+            self.uplink.start()
+        except BaseException:
+            self._close_parts()
+            raise
+        target = self._replay_loop if self._replay is not None else self._live_loop
+        self._spawn(target, f"agent-loop-{self.device_id}")
+        self._spawn(self._status_loop, f"agent-status-{self.device_id}")
+        self._started = True
+        log.info(
+            "agent %s started: model %s %s, spool epoch %s, boot %s",
+            self.device_id,
+            self.engine.model_name,
+            self.engine.model_version,
+            self.spool.epoch,
+            self.boot_id,
+        )
+
+    def _spawn(self, target: Any, name: str) -> None:
+        thread = threading.Thread(target=target, name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def _make_source(self) -> Source:
+        cfg = self.config.sensors
+        if cfg.backend == "simulated":
+            from edge_agent.sensors.simulated import SimulatedCabin, load_scenario
+
+            scenario = load_scenario(cfg.scenario if cfg.scenario is not None else "training")
+            return SimulatedCabin(scenario, seed=cfg.seed, rate_hz=cfg.rate_hz, sample_rate=cfg.sample_rate)
+        raise ValueError(f"sensor backend {cfg.backend!r} has no live source; use `edge-agent replay`")
+
+    def _open_replay(self, replay: ReplaySettings) -> None:
+        from edge_agent.sensors.replay import ReplaySource
+
+        assert self.engine is not None and self.spool is not None
+        identity = file_identity(replay.csv)
+        cursor = self.spool.cursor()
+        start_row = 0
+        if cursor is not None and not replay.from_start:
+            if cursor.file == identity:
+                start_row = cursor.row
+                log.info("resuming replay of %s at row %d", replay.csv, start_row)
+            else:
+                log.info("spool cursor is for another file (%s); replaying %s from the start", cursor.file, identity)
+        self._replay_identity = identity
+        self._replay_source = ReplaySource(
+            replay.csv,
+            list(self.engine.manifest.features),
+            label_column=replay.label_column,
+            labels=list(self.engine.manifest.labels),
+            start_row=start_row,
+        )
+
+    # --------------------------------------------------------------------------------- stop
+
+    def stop(self, *, timeout: float = 10.0) -> None:
+        """Stop in reverse order, draining: loop, spool flush, uplink (``stopped``), source, spool close."""
+        if self._stopped:
+            return
+        self._stopped = True
+        self.stop_event.set()
+        for thread in self._threads:
+            thread.join(timeout)
+        self._close_parts()
+        self._write_status_file(state="stopped")
+        log.info("agent %s stopped", self.device_id)
+
+    def _close_parts(self) -> None:
+        if self.spool is not None:
+            try:
+                self.spool.flush()
+            except Exception:
+                log.exception("final spool flush failed")
+        if self.uplink is not None:
+            self.uplink.stop(clean=True)
+        if self.source is not None:
+            try:
+                self.source.stop()
+            except Exception:
+                log.exception("stopping the source failed")
+        if self._replay_source is not None and hasattr(self._replay_source, "close"):
+            self._replay_source.close()
+        if self.spool is not None:
+            self.spool.close()
+
+    def run(self) -> int:
+        """Start, wait for the stop event (signal, replay done or failure), stop; return an exit code."""
+        self.start()
+        try:
+            while not self.stop_event.wait(0.5):
+                pass
+        finally:
+            self.stop()
+        return 1 if self.failed else 0
+
+    # ---------------------------------------------------------------------------- live loop
+
+    def _live_loop(self) -> None:
+        assert self.engine is not None and self.spool is not None and self.source is not None
+        pipeline = FeaturePipeline(sample_rate=self.config.sensors.sample_rate)
+        period = 1.0 / self.config.sensors.rate_hz
+        start = time.monotonic()
+        k = 0
+        errors = 0
+        while not self.stop_event.is_set():
+            due = start + k * period
+            now = time.monotonic()
+            if now < due:
+                self.stop_event.wait(due - now)
+                continue
+            if now - due > max(1.0, 5 * period):
+                # A long stall (suspend, overload): skip the missed ticks instead of bursting them.
+                missed = int((now - due) / period)
+                self.counters.skipped_ticks += missed
+                k += missed
+                log.warning("main loop %.1f s late: skipped %d ticks", now - due, missed)
+            k += 1
+            try:
+                self._tick(pipeline)
+                errors = 0
+            except SourceExhausted:
+                log.info("source exhausted")
+                self.finished.set()
+                self.stop_event.set()
+                break
+            except Exception:
+                errors += 1
+                log.exception("main loop tick failed (%d in a row)", errors)
+                if errors >= MAX_CONSECUTIVE_ERRORS:
+                    self.failed = f"{errors} consecutive main loop failures"
+                    log.error("giving up: %s", self.failed)
+                    self.stop_event.set()
+                    break
+            self._commit()
+
+    def _tick(self, pipeline: FeaturePipeline) -> None:
+        assert self.engine is not None and self.spool is not None and self.source is not None
+        self.counters.ticks += 1
+        try:
+            obs: Observation = self.source.read()
+        except SourceExhausted:
+            raise
+        except Exception:
+            self.counters.read_errors += 1
+            raise
+        mono = time.monotonic()
+        if obs.features is not None:
+            features, flags = np.asarray(obs.features, np.float32), int(obs.flags)
+        else:
+            features, flags = pipeline(obs.env, obs.audio)
+            flags |= int(obs.flags)
+        try:
+            cols = self.engine.infer_many(features.reshape(1, -1), np.array([flags], np.uint16))
+        except Exception:
+            self.counters.inference_errors += 1
+            raise
+        label = np.array([self._label_index(obs.label)], np.int16)
+        block = cols.to_block(
+            model_name=self.engine.model_name,
+            model_version=self.engine.model_version,
+            hidden_units=self.engine.n_hidden,
+            ts=np.array([obs.ts]),
+            mono=np.array([mono]),
+            label=label,
+        )
+        seqs = self.spool.append(block)
+        self.counters.records += 1
+        if self.labels is not None and obs.truth is not None:
+            self.counters.late_labels += self.labels.offer(self.device_id, self.spool.epoch, seqs, [obs.truth])
+
+    def _label_index(self, label: str | None) -> int:
+        assert self.engine is not None
+        if label is None:
+            return NO_LABEL
+        try:
+            return self.engine.manifest.labels.index(label)
+        except ValueError:
+            return NO_LABEL
+
+    def _commit(self) -> None:
+        assert self.spool is not None
+        if self.spool.maybe_commit() and self.uplink is not None:
+            self.uplink.notify()
+
+    # -------------------------------------------------------------------------- replay loop
+
+    def _replay_loop(self) -> None:
+        assert self.engine is not None and self.spool is not None and self._replay is not None
+        src = self._replay_source
+        rate = self._replay.rate
+        up = self.config.uplink
+        high_water = max(20_000, 4 * up.batch_max_records * up.max_inflight_batches)
+        chunk_rows = REPLAY_CHUNK_ROWS if rate <= 0 else max(1, min(REPLAY_CHUNK_ROWS, math.ceil(rate / 10)))
+        t0 = time.monotonic()
+        done = 0
+        exhausted = False
+        try:
+            while not self.stop_event.is_set() and not exhausted:
+                if self.spool.depth() + self.spool.pending_records() > high_water or (
+                    self.spool.bytes() > self.config.spool.max_bytes // 2
+                ):
+                    # Back-pressure: a replay must not outrun the collector into the spool's drop-oldest.
+                    self._commit()
+                    self.stop_event.wait(0.05)
+                    continue
+                if rate > 0:
+                    due = t0 + done / rate
+                    now = time.monotonic()
+                    if now < due:
+                        self.stop_event.wait(due - now)
+                        continue
+                try:
+                    chunk = src.read_chunk(chunk_rows)
+                except SourceExhausted:
+                    exhausted = True
+                    break
+                if chunk.n == 0:
+                    continue
+                now_wall, now_mono = time.time(), time.monotonic()
+                cols = self.engine.infer_many(chunk.features, np.zeros(chunk.n, np.uint16))
+                block = cols.to_block(
+                    model_name=self.engine.model_name,
+                    model_version=self.engine.model_version,
+                    hidden_units=self.engine.n_hidden,
+                    ts=np.full(chunk.n, now_wall),
+                    mono=np.full(chunk.n, now_mono),
+                    label=chunk.labels,
+                )
+                self.spool.append(block, cursor=ReplayCursor(self._replay_identity, chunk.start_row + chunk.n))
+                done += chunk.n
+                self.counters.records += chunk.n
+                self.counters.replay_rows = chunk.start_row + chunk.n
+                self._commit()
+            if exhausted:
+                self.spool.flush()
+                if self.uplink is not None:
+                    self.uplink.notify()
+                log.info("replay source exhausted after %d rows; waiting for the collector's acks", done)
+                while not self.stop_event.is_set():
+                    if self.spool.empty():
+                        log.info("replay complete: every record acknowledged")
+                        self.finished.set()
+                        self.stop_event.set()
+                        break
+                    self.stop_event.wait(0.1)
+        except Exception as exc:
+            self.failed = f"replay failed: {exc}"
+            log.exception("replay failed")
+            self.stop_event.set()
+
+    # ------------------------------------------------------------------------------- status
+
+    def status_message(self) -> Status:
+        """The retained ``status`` payload (state ``online``)."""
+        engine, spool = self.engine, self.spool
+        sensors = {}
+        if self.source is not None:
+            try:
+                sensors = self.source.health()
+            except Exception:
+                log.exception("reading sensor health failed")
+        return Status(
+            state="online",
+            ts=time.time(),
+            agent_version=self.version,
+            boot_id=self.boot_id,
+            spool_epoch=spool.epoch if spool else None,
+            profile=self.config.device.profile,
+            model=ModelRef(name=engine.model_name, version=engine.model_version) if engine else None,
+            spool_depth=spool.depth() if spool else None,
+            spool_bytes=spool.bytes() if spool else None,
+            inference_rate=round(self._rate, 3),
+            sensors=sensors,
+            tags=list(self.config.device.tags),
+        )
+
+    def reported_message(self) -> Reported:
+        """The retained ``reported`` payload: the running model."""
+        engine = self.engine
+        return Reported(model=ModelRef(name=engine.model_name, version=engine.model_version) if engine else None)
+
+    def _status_loop(self) -> None:
+        while not self.stop_event.wait(STATUS_FILE_INTERVAL_S):
+            try:
+                self._write_status_file(state="running")
+            except Exception:
+                log.exception("writing the status file failed")
+
+    def snapshot(self, state: str = "running") -> dict[str, Any]:
+        """Everything `edge-agent status` shows."""
+        now = time.monotonic()
+        records = self.counters.records
+        mark_t, mark_n = self._rate_mark
+        if now - mark_t >= 1.0:
+            self._rate = (records - mark_n) / (now - mark_t)
+            self._rate_mark = (now, records)
+        engine, spool = self.engine, self.spool
+        doc: dict[str, Any] = {
+            "state": state,
+            "device_id": self.device_id,
+            "pid": os.getpid(),
+            "boot_id": self.boot_id,
+            "agent_version": self.version,
+            "updated_at": time.time(),
+            "model": {"name": engine.model_name, "version": engine.model_version} if engine else None,
+            "inference_rate": round(self._rate, 3),
+            "loop": asdict(self.counters),
+        }
+        if spool is not None:
+            doc.update(
+                spool_epoch=spool.epoch,
+                spool_depth=spool.depth(),
+                spool_bytes=spool.bytes(),
+                next_seq=spool.next_seq,
+                last_ack_at=spool.stats.last_ack_at,
+                spool_losses=spool.counters() if state != "stopped" else None,
+            )
+        if self.uplink is not None:
+            doc["uplink"] = self.uplink.snapshot()
+        return doc
+
+    def _write_status_file(self, state: str) -> None:
+        path = self.config.status_path
+        try:
+            doc = self.snapshot(state)
+            tmp = path.with_suffix(".json.tmp")
+            tmp.write_text(json.dumps(doc, indent=2, default=str))
+            os.replace(tmp, path)
+        except Exception as exc:
+            log.warning("cannot write status file %s: %s", path, exc)

@@ -1,0 +1,258 @@
+"""`edge-agent`: run the service, replay a feature CSV, show status, simulate a fleet, make datasets.
+
+Exit codes: 0 success, 1 a runtime failure, 2 bad configuration or input (the message says
+which file and field). Logs go to stderr (``--log-level``); a command's own output to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from edge_agent.app import Agent, ReplaySettings, agent_version
+from edge_agent.config import DEFAULT_BUNDLE, DEFAULT_KEY, AgentConfig, ConfigError, load_config
+from edge_agent.simulate import Fleet, FleetSettings
+from edge_agent.spool import SpoolError, inspect
+from shared.bundle import BundleError
+from shared.topics import TopicError, check_device_id
+
+log = logging.getLogger("edge_agent")
+
+
+def _install_signals(stop: threading.Event) -> None:
+    def handler(signum: int, _frame: FrameType | None) -> None:
+        log.info("%s: stopping", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+def _config(args: argparse.Namespace) -> AgentConfig:
+    return load_config(args.config)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """`edge-agent run`: the service."""
+    config = _config(args)
+    stop = threading.Event()
+    _install_signals(stop)
+    agent = Agent(config, stop_event=stop)
+    return agent.run()
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    """`edge-agent replay`: feed a feature CSV through inference, spool and uplink until all is acked."""
+    config = _config(args)
+    if args.device_id:
+        check_device_id(args.device_id)
+        config = config.model_copy(update={"device": config.device.model_copy(update={"id": args.device_id})})
+    if not (args.rate >= 0):
+        raise ConfigError("--rate must be >= 0 (0 = as fast as possible)")
+    csv_path = Path(args.csv)
+    if not csv_path.is_file():
+        raise ConfigError(f"--csv {csv_path}: no such file")
+    stop = threading.Event()
+    _install_signals(stop)
+    agent = Agent(
+        config,
+        replay=ReplaySettings(csv_path, label_column=args.label_column, rate=args.rate, from_start=args.from_start),
+        stop_event=stop,
+    )
+    agent.start()
+    last = 0.0
+    try:
+        while not stop.wait(0.5):
+            now = time.monotonic()
+            if now - last >= args.progress_interval:
+                last = now
+                spool = agent.spool
+                uplink = agent.uplink
+                assert spool is not None and uplink is not None
+                print(
+                    f"replay {agent.device_id}: row {agent.counters.replay_rows}, "
+                    f"spooled {agent.counters.records}, sent {uplink.counters.records_sent}, "
+                    f"acked {uplink.counters.records_released}, waiting {spool.depth()}",
+                    flush=True,
+                )
+    finally:
+        agent.stop()
+    if agent.failed:
+        log.error("%s", agent.failed)
+        return 1
+    if not agent.finished.is_set():
+        print(f"replay {agent.device_id}: interrupted; run again to resume", flush=True)
+        return 1
+    print(
+        f"replay {agent.device_id}: done, {agent.counters.records} records inferred, all acknowledged",
+        flush=True,
+    )
+    return 0
+
+
+def status_document(config: AgentConfig) -> dict[str, Any]:
+    """The status file joined with what the spool itself says."""
+    doc: dict[str, Any] = {"device_id": config.device.id, "state": "unknown"}
+    try:
+        doc.update(json.loads(config.status_path.read_text()))
+        doc["status_file"] = str(config.status_path)
+        doc["status_age_s"] = round(time.time() - float(doc.get("updated_at", 0)), 1)
+    except FileNotFoundError:
+        doc["status_file"] = None
+    except (OSError, ValueError) as exc:
+        doc["status_file_error"] = str(exc)
+    try:
+        spool = inspect(config.spool_path)
+        doc["spool"] = spool
+        doc["spool_epoch"] = spool["epoch"]
+        doc["spool_depth"] = spool["depth"]
+        doc["spool_bytes"] = spool["bytes"]
+    except SpoolError as exc:
+        doc["spool"] = None
+        doc["spool_error"] = str(exc)
+    return doc
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """`edge-agent status`: device, epoch, spool depth and bytes, last ack, model."""
+    doc = status_document(_config(args))
+    if args.json:
+        print(json.dumps(doc, indent=2, default=str))
+        return 0
+    model = doc.get("model") or {}
+    last_ack = doc.get("last_ack_at")
+    lines = [
+        f"device:       {doc.get('device_id')}",
+        f"state:        {doc.get('state')}"
+        + (f" (status {doc['status_age_s']} s old)" if "status_age_s" in doc else ""),
+        f"model:        {model.get('name', '-')} {model.get('version', '')}".rstrip(),
+        f"spool epoch:  {doc.get('spool_epoch', '-')}",
+        f"spool depth:  {doc.get('spool_depth', '-')} records, {doc.get('spool_bytes', '-')} bytes",
+        f"last ack:     {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(last_ack)) if last_ack else '-'}",
+        f"inference:    {doc.get('inference_rate', '-')} /s",
+    ]
+    if doc.get("spool") and doc["spool"]["gaps"]:
+        lines.append(f"open gaps:    {doc['spool']['gaps']}")
+    if doc.get("spool_error"):
+        lines.append(f"spool:        {doc['spool_error']}")
+    print("\n".join(lines))
+    return 0
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    """`edge-agent simulate`: N simulated vehicles in this process."""
+    state_dir = Path(args.state_dir) if args.state_dir else Path(tempfile.mkdtemp(prefix="edge-simulate-"))
+    settings = FleetSettings(
+        devices=args.devices,
+        collector=args.collector,
+        state_dir=state_dir,
+        scenario=Path(args.scenario) if args.scenario else None,
+        rate_hz=args.rate,
+        id_prefix=args.id_prefix,
+        late_labels=Path(args.late_labels) if args.late_labels else None,
+        late_label_fraction=args.late_label_fraction,
+        duration=args.duration,
+        bundle=Path(args.bundle) if args.bundle else DEFAULT_BUNDLE,
+        trusted_keys=[Path(k) for k in args.trusted_key] if args.trusted_key else [DEFAULT_KEY],
+        seed=args.seed,
+        protocol=args.protocol,
+    )
+    try:
+        check_device_id(f"{settings.id_prefix}001")
+    except TopicError as exc:
+        raise ConfigError(f"--id-prefix: {exc}") from None
+    stop = threading.Event()
+    _install_signals(stop)
+    try:
+        fleet = Fleet(settings, stop_event=stop)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    log.info("simulated fleet state in %s", state_dir)
+    return fleet.run()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `edge-agent` argument parser."""
+    parser = argparse.ArgumentParser(prog="edge-agent", description="Vehicle-side agent of fleet-model-health.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {agent_version()}")
+    parser.add_argument(
+        "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="stderr log level"
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run the agent service")
+    run.add_argument("--config", type=Path, help="agent YAML (see edge_agent/agent.example.yaml)")
+    run.set_defaults(func=cmd_run)
+
+    replay = sub.add_parser("replay", help="replay a feature CSV through inference, spool and uplink")
+    replay.add_argument("--config", type=Path, help="agent YAML")
+    replay.add_argument("--csv", required=True, help="CSV with one column per model feature")
+    replay.add_argument("--label-column", help="column holding the ground-truth label")
+    replay.add_argument("--rate", type=float, default=0.0, help="records per second (0 = as fast as possible)")
+    replay.add_argument("--device-id", help="override device.id")
+    replay.add_argument("--from-start", action="store_true", help="ignore the saved cursor and start at row 0")
+    replay.add_argument("--progress-interval", type=float, default=5.0, help="seconds between progress lines")
+    replay.set_defaults(func=cmd_replay)
+
+    status = sub.add_parser("status", help="show device, spool and uplink state")
+    status.add_argument("--config", type=Path, help="agent YAML")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.set_defaults(func=cmd_status)
+
+    sim = sub.add_parser("simulate", help="run N simulated vehicles in one process")
+    sim.add_argument("--devices", type=int, required=True, help="number of vehicles")
+    sim.add_argument("--collector", required=True, help="broker URL, mqtt://host:port")
+    sim.add_argument("--scenario", help="scenario YAML or built-in name (default: training)")
+    sim.add_argument("--rate", type=float, default=10.0, help="inferences per second per vehicle")
+    sim.add_argument("--state-dir", help="folder for the vehicles' spools (default: a new temporary folder)")
+    sim.add_argument("--id-prefix", default="sim-", help="device ids are <prefix>NNN")
+    sim.add_argument("--late-labels", help="append late labels to this CSV")
+    sim.add_argument("--late-label-fraction", type=float, default=0.2, help="fraction of records labelled late")
+    sim.add_argument("--duration", type=float, help="seconds to run (default: until SIGTERM)")
+    sim.add_argument("--bundle", help="model bundle (default: the packaged reference)")
+    sim.add_argument("--trusted-key", action="append", help="pinned public key file (repeatable)")
+    sim.add_argument("--seed", type=int, default=0, help="base random seed (vehicle i uses seed + i)")
+    sim.add_argument("--protocol", choices=["3.1.1", "5"], default="3.1.1", help="MQTT protocol version")
+    sim.set_defaults(func=cmd_simulate)
+
+    try:
+        from edge_agent import dataset
+    except ImportError as exc:  # the dataset command needs the simulator; the agent does not
+        log.debug("dataset command unavailable: %s", exc)
+    else:
+        dataset.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `edge-agent` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, args.log_level),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(threadName)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.func(args))
+    except (ConfigError, TopicError) as exc:
+        log.error("configuration: %s", exc)
+        return 2
+    except BundleError as exc:
+        log.error("model bundle refused (%s): %s", exc.reason, exc.detail)
+        return 2
+    except SpoolError as exc:
+        log.error("spool: %s", exc)
+        return 1
+    except KeyboardInterrupt:
+        return 130
