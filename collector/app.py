@@ -1,0 +1,71 @@
+"""The collector's FastAPI application: the ``lifespan`` starts the database and MQTT ingest.
+
+Ingest (and later the scheduler) runs inside the one process that serves the API; running the
+app under ``uvicorn --workers N`` would start N ingest clients (ARCHITECTURE §9), so the
+``serve`` command runs a single worker and scales out with replicas and shared subscriptions.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Response
+from fastapi.responses import RedirectResponse
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+
+from collector import __version__
+from collector import metrics as _metrics  # noqa: F401  (registers the collector's metrics)
+from collector.api.routes import api_router
+from collector.config import Settings, get_settings
+from collector.db.engine import make_engine, upgrade
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings | None = None, *, start_ingest: bool = True) -> FastAPI:
+    """The application for ``settings`` (default: from the environment)."""
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if settings.auto_migrate:
+            upgrade(settings.database)
+        engine = make_engine(settings.database)
+        app.state.settings = settings
+        app.state.engine = engine
+        app.state.ingest = None
+        if start_ingest:
+            from collector.ingest import Ingest
+
+            ingest = Ingest(settings, engine)
+            ingest.start()
+            app.state.ingest = ingest
+        log.info("collector %s ready (database %s)", __version__, engine.url.render_as_string(hide_password=True))
+        try:
+            yield
+        finally:
+            if app.state.ingest is not None:
+                app.state.ingest.stop()
+            engine.dispose()
+
+    app = FastAPI(
+        title="Fleet model health collector",
+        version=__version__,
+        description="Ingests inference telemetry from the fleet exactly once and serves it to operators.",
+        lifespan=lifespan,
+    )
+    app.include_router(api_router)
+
+    @app.get("/metrics", include_in_schema=False)
+    def prometheus() -> Response:
+        """Prometheus exposition of the process's metrics ."""
+        return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/", include_in_schema=False)
+    def root() -> RedirectResponse:
+        """The dashboard arrives with its own issue; until then the API's documentation is the front page."""
+        return RedirectResponse("/docs")
+
+    return app
