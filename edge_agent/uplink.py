@@ -243,7 +243,8 @@ class Uplink:
     def _on_disconnect(self, _client: mqtt.Client, _userdata: Any, _flags: Any, reason_code: Any, _p: Any) -> None:
         if self._connected.is_set():
             self.counters.disconnects += 1
-            log.warning("disconnected from %s: %s", self.mqtt.url, reason_code)
+            level = logging.INFO if self._stop.is_set() else logging.WARNING
+            log.log(level, "disconnected from %s: %s", self.mqtt.url, reason_code)
         self._connected.clear()
 
     def _on_subscribe(self, _client: mqtt.Client, _userdata: Any, _mid: int, codes: list[Any], _p: Any) -> None:
