@@ -278,8 +278,8 @@ def _env_overrides(doc: dict[str, Any], environ: dict[str, str]) -> list[str]:
     return applied
 
 
-def _credential_password() -> str | None:
-    folder = os.environ.get("CREDENTIALS_DIRECTORY")
+def _credential_password(environ: dict[str, str]) -> str | None:
+    folder = environ.get("CREDENTIALS_DIRECTORY")
     if not folder:
         return None
     path = Path(folder) / PASSWORD_CREDENTIAL
@@ -329,12 +329,9 @@ def load_config(path: Path | str | None = None, *, environ: dict[str, str] | Non
     applied = _env_overrides(doc, env)
     if applied:
         source += " + environment " + ", ".join(applied)
-    mqtt = doc.get("mqtt")
-    if not (isinstance(mqtt, dict) and mqtt.get("password")):
-        password = _credential_password()
+    mqtt = doc.setdefault("mqtt", {})
+    if isinstance(mqtt, dict) and not mqtt.get("password"):
+        password = _credential_password(env)
         if password is not None:
-            if not isinstance(mqtt, dict):
-                mqtt = doc["mqtt"] = {} if mqtt is None else mqtt
-            if isinstance(mqtt, dict):
-                mqtt["password"] = password
+            mqtt["password"] = password
     return config_from_dict(doc, source=source)
