@@ -1,0 +1,108 @@
+"""Regenerate the committed cabin dataset and reference bundle (``make reference-model``).
+
+1. ``collector/training/data/cabin_v1.csv.gz``: the simulated cabin's training scenario
+   (``edge_agent/scenarios/training.yaml``), 2,400 simulated seconds at 10 windows/s, seed 1,
+   written by ``edge_agent.dataset.write_dataset`` in a subprocess (the collector never imports
+   the agent) through the same feature pipeline the vehicles run.
+2. ``edge_agent/bundles/cabin-v1.tar``: the reference trainer on that CSV (seed 0), name
+   ``cabin-events``, version ``1.0.0``, signed with the development key.
+
+Both are deterministic: the generator is seeded and gzips with a fixed timestamp, and training
+runs with TensorFlow's op determinism, so the model is the same bytes on the same software; only
+the manifest's ``created_at`` changes (set ``SOURCE_DATE_EPOCH`` to pin it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+from collector.training.errors import TrainingError
+
+log = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parents[2]
+SCENARIO = REPO / "edge_agent" / "scenarios" / "training.yaml"
+DATASET = REPO / "collector" / "training" / "data" / "cabin_v1.csv.gz"
+BUNDLE = REPO / "edge_agent" / "bundles" / "cabin-v1.tar"
+DEV_KEY = REPO / "collector" / "training" / "dev-release-key.pem"
+SECONDS = 2400.0
+RATE_HZ = 10.0
+DATA_SEED = 1
+TRAIN_SEED = 0
+LABEL_COLUMN = "label"
+MAX_DATASET_BYTES = 3 * 1024 * 1024
+
+# Run in a child interpreter: the collector must not import edge_agent, not even lazily.
+_GENERATE = """
+import sys
+from edge_agent.dataset import write_dataset
+from edge_agent.sensors.simulated import load_scenario
+scenario, out, seconds, rate, seed = sys.argv[1:]
+n = write_dataset(out, load_scenario(scenario), seconds=float(seconds), rate_hz=float(rate), seed=int(seed))
+print(n)
+"""
+
+
+def generate_dataset(
+    out: Path = DATASET, *, seconds: float = SECONDS, rate_hz: float = RATE_HZ, seed: int = DATA_SEED
+) -> int:
+    """Write the cabin CSV with the agent's generator in a subprocess; return its row count."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-c", _GENERATE, str(SCENARIO), str(out), repr(seconds), repr(rate_hz), str(seed)]
+    log.info("generating %s (%g s at %g Hz, seed %d)", out, seconds, rate_hz, seed)
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise TrainingError(
+            "dataset_failed", f"the cabin generator exited {proc.returncode}: {proc.stderr.strip()[-2000:]}"
+        )
+    rows = int(proc.stdout.strip().splitlines()[-1])
+    size = out.stat().st_size
+    log.info("wrote %d rows, %d bytes", rows, size)
+    if size > MAX_DATASET_BYTES:
+        log.warning("%s is %d bytes, over the %d meant for the repository", out, size, MAX_DATASET_BYTES)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Regenerate the dataset (unless ``--reuse-dataset``) and the reference bundle."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parser = argparse.ArgumentParser(prog="python -m collector.training.regenerate", description=__doc__)
+    parser.add_argument("--reuse-dataset", action="store_true", help="train on the existing CSV, do not regenerate it")
+    parser.add_argument("--dataset", type=Path, default=DATASET, help="CSV to write and train on")
+    parser.add_argument("--out", type=Path, default=BUNDLE, help="bundle to write")
+    args = parser.parse_args(argv)
+    from collector.training.trainer import train_bundle
+
+    try:
+        if not args.reuse_dataset:
+            generate_dataset(args.dataset)
+        result = train_bundle(
+            args.dataset,
+            label_column=LABEL_COLUMN,
+            out=args.out,
+            signing_key=DEV_KEY,
+            name="cabin-events",
+            version="1.0.0",
+            seed=TRAIN_SEED,
+            dataset_version="cabin_v1",
+            description=(
+                "Cabin event classifier (normal, smoking, vaping, impact, window_open) on the 40 shared "
+                "features of the simulated cabin; the reference model of the demo, signed with the DEVELOPMENT key"
+            ),
+        )
+    except TrainingError as exc:
+        log.error("%s", exc)
+        return 1
+    for key, value in sorted(result.metrics.items()):
+        print(f"{key:32s} {value:.6g}")
+    print(f"bundle {result.bundle_path} ({result.bundle_bytes} bytes) sha256 {result.bundle_sha256}")
+    print(f"dataset {args.dataset} ({args.dataset.stat().st_size} bytes)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
