@@ -374,6 +374,33 @@ def _db(level_db: float) -> float:
     return float(10.0 ** (level_db / 20.0))
 
 
+_TABLE_SIZE: Final = 4096
+
+
+def _harmonic_table(amplitudes: Sequence[float]) -> np.ndarray:
+    """One period of a harmonic waveform, normalised to unit RMS, for :func:`_wavetable`."""
+    phase = np.arange(_TABLE_SIZE) / _TABLE_SIZE
+    wave = sum(a * np.sin(2 * np.pi * (h + 1) * phase) for h, a in enumerate(amplitudes))
+    wave = np.asarray(wave, dtype=np.float64)
+    return wave / math.sqrt(float(np.mean(wave**2)))
+
+
+def _wavetable(table: np.ndarray, phase: float, cycles_per_sample: float, ramp: np.ndarray) -> np.ndarray:
+    """A periodic waveform by table lookup (``np.sin`` on every sample costs several times more)."""
+    index = ((phase + cycles_per_sample * ramp) * _TABLE_SIZE).astype(np.int64) & (_TABLE_SIZE - 1)
+    return table[index]
+
+
+_HUM: Final = _harmonic_table((1.0, 0.5, 0.25))
+_NOTE: Final = _harmonic_table((1.0, 0.4, 0.2))
+_CHORDS_HZ: Final = (
+    (220.0, 261.63, 329.63),
+    (174.61, 220.0, 261.63),
+    (196.0, 246.94, 293.66),
+    (164.81, 207.65, 246.94),
+)
+
+
 def _relax(value: float, target: float, tau: float, dt: float) -> float:
     """Exact first-order step toward ``target`` with time constant ``tau``."""
     return target + (value - target) * math.exp(-dt / tau)
@@ -436,6 +463,7 @@ class SimulatedCabin(Source):
         self._outside = scenario.outside
         self._labelled: list[LabelledSegment] = [s for s in scenario.timeline if not isinstance(s, AgeingSegment)]
         self._ageing: list[AgeingSegment] = [s for s in scenario.timeline if isinstance(s, AgeingSegment)]
+        self._music_segments = [s for s in self._labelled if isinstance(s, MusicSegment)]
         self._build_label_timeline()
         self._build_spectra()
         self._build_transients()
@@ -464,7 +492,8 @@ class SimulatedCabin(Source):
         self._mic_gain = 1.0
         self._temp_offset = 0.0
         self._gas_age = 1.0
-        self._hum_phase = np.zeros(3)
+        self._hum_phase = 0.0  # in cycles of the firing frequency
+        self._ramp = np.arange(self.window_samples, dtype=np.float64)
         self._carry = np.zeros(0, dtype=np.float64)
 
     # ---- construction helpers --------------------------------------------------------------
@@ -748,35 +777,30 @@ class SimulatedCabin(Source):
 
         if base.engine_hum_dbfs is not None:
             rpm = 900.0 + 2600.0 * self._speed
-            f0 = rpm / 30.0  # four-cylinder four-stroke firing frequency
-            harmonics = np.array([1.0, 2.0, 3.0])
-            amps = np.array([1.0, 0.5, 0.25])
-            amps *= math.sqrt(2.0) * _db(base.engine_hum_dbfs) * acoustic / math.sqrt(float((amps**2).sum()))
-            omega = 2 * np.pi * f0 * harmonics / sr
-            phases = self._hum_phase[:, None] + omega[:, None] * np.arange(n)[None, :]
-            x += amps @ np.sin(phases)
-            self._hum_phase = (self._hum_phase + omega * n) % (2 * np.pi)
+            cycles = rpm / 30.0 / sr  # four-cylinder four-stroke firing frequency, cycles per sample
+            x += (_db(base.engine_hum_dbfs) * acoustic) * _wavetable(_HUM, self._hum_phase, cycles, self._ramp)
+            self._hum_phase = (self._hum_phase + cycles * n) % 1.0
 
-        _, local = self._local(t0 + 0.5 / self.rate_hz)
-        for seg in self._labelled:
-            if isinstance(seg, MusicSegment) and seg.at <= local < seg.at + seg.duration:
-                x += acoustic * self._music(seg, t0, n)
+        if self._music_segments:
+            _, local = self._local(t0 + 0.5 / self.rate_hz)
+            for seg in self._music_segments:
+                if seg.at <= local < seg.at + seg.duration:
+                    x += acoustic * self._music(seg, t0, n)
 
         x = self._add_transients(x, t0, acoustic)
         np.clip(x, -1.0, 1.0, out=x)
         return x.astype(np.float32)
 
     def _music(self, seg: MusicSegment, t0: float, n: int) -> np.ndarray:
+        sr = self.sample_rate
         beat = 60.0 / seg.tempo_bpm
-        t = t0 + np.arange(n) / self.sample_rate
-        chords = ((220.0, 261.63, 329.63), (174.61, 220.0, 261.63), (196.0, 246.94, 293.66), (164.81, 207.65, 246.94))
-        chord = chords[int(t0 / (2 * beat)) % len(chords)]
-        freqs = np.array([f * h for f in chord for h in (1.0, 2.0, 3.0)])
-        amps = np.array([a for _ in chord for a in (1.0, 0.4, 0.2)])
-        tone = amps @ np.sin(2 * np.pi * freqs[:, None] * t[None, :])
-        pulse = 0.55 + 0.45 * np.exp(-np.mod(t, beat) / 0.12)
-        rms_tone = math.sqrt(float((amps**2).sum()) / 2.0) * 0.7
-        return (_db(seg.level_dbfs) / rms_tone) * tone * pulse
+        chord = _CHORDS_HZ[int(t0 / (2 * beat)) % len(_CHORDS_HZ)]
+        tone = np.zeros(n)
+        for freq in chord:
+            # the phase follows absolute time, so a held chord is continuous across windows
+            tone += _wavetable(_NOTE, (freq * t0) % 1.0, freq / sr, self._ramp)
+        pulse = 0.55 + 0.45 * np.exp(-np.mod(t0 + self._ramp / sr, beat) / 0.12)
+        return (_db(seg.level_dbfs) / (0.7 * math.sqrt(len(chord)))) * tone * pulse
 
     def _add_transients(self, x: np.ndarray, t0: float, acoustic: float) -> np.ndarray:
         n = x.size
