@@ -155,7 +155,7 @@ class Engine:
         self.temperature = m.calibration.temperature
         self.act_sample_fraction = act_sample_fraction
         self.mean = np.asarray(m.normalisation.mean, np.float32)
-        self.inv_std = (1.0 / np.asarray(m.normalisation.std, np.float64)).astype(np.float32)
+        self.std = np.asarray(m.normalisation.std, np.float32)
         self.ref_means = np.asarray([f.mean for f in m.reference.features], np.float32)
         self.pair_i, self.pair_j = rare_pair_indices(m.reference.coactivation, self.n_hidden)
         self._rng = np.random.default_rng(seed)
@@ -201,7 +201,8 @@ class Engine:
             filled = np.where(finite, X, self.ref_means)
         else:
             filled = X
-        return X, (filled - self.mean) * self.inv_std, flags
+        # Same arithmetic as the golden self-test and the trainer: (x - mean) / std in float32.
+        return X, (filled - self.mean) / self.std, flags
 
     def infer_many(self, X: np.ndarray, flags: np.ndarray | None = None) -> InferenceColumns:
         """Run ``n`` feature vectors (``[n, features]``) and return the record columns."""
