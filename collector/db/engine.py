@@ -60,8 +60,10 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
         kwargs.setdefault("pool_pre_ping", True)
         kwargs.setdefault("connect_args", {"connect_timeout": 10})
         return create_engine(sa_url, **kwargs)
-    raise ValueError(f"unsupported database URL {sa_url.render_as_string(hide_password=True)!r}: "
-                     "use sqlite:///PATH or postgresql://...")
+    raise ValueError(
+        f"unsupported database URL {sa_url.render_as_string(hide_password=True)!r}: "
+        "use sqlite:///PATH or postgresql://..."
+    )
 
 
 def _configure_sqlite(engine: Engine) -> None:
@@ -109,8 +111,11 @@ def upgrade(database_url: str, revision: str = "head") -> None:
             command.upgrade(cfg, revision)
     finally:
         engine.dispose()
-    log.info("database schema at %s is at revision %s", make_url(normalise_url(database_url)).render_as_string(
-        hide_password=True), revision)
+    log.info(
+        "database schema at %s is at revision %s",
+        make_url(normalise_url(database_url)).render_as_string(hide_password=True),
+        revision,
+    )
 
 
 def current_revision(engine: Engine) -> str | None:
