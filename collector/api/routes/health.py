@@ -23,10 +23,11 @@ def health(request: Request, session: SessionDep) -> Health:
     except sa.exc.SQLAlchemyError as exc:
         database = f"error: {type(exc).__name__}"
     ingest = getattr(request.app.state, "ingest", None)
+    stats: dict[str, Any] = {}
     if ingest is None:
-        mqtt, stats = "disabled", {}
+        mqtt = "disabled"
     else:
         mqtt = "connected" if ingest.connected else "disconnected"
-        stats: dict[str, Any] = ingest.stats()  # type: ignore[no-redef]
+        stats = ingest.stats()
     overall = "ok" if database == "ok" and mqtt != "disconnected" else ("degraded" if database == "ok" else "error")
     return Health(status=overall, version=__version__, database=database, mqtt=mqtt, ingest=stats)
