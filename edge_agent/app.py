@@ -226,6 +226,7 @@ class Agent:
             label_column=replay.label_column,
             labels=list(self.engine.manifest.labels),
             start_row=start_row,
+            on_bad_row="skip",  # a bad row is counted and skipped; it must not end a 100k-row replay
         )
 
     # --------------------------------------------------------------------------------- stop
@@ -391,6 +392,7 @@ class Agent:
                 except SourceExhausted:
                     exhausted = True
                     break
+                self.counters.replay_bad_rows = int(getattr(src, "bad_rows", 0))
                 if chunk.n == 0:
                     continue
                 now_wall, now_mono = time.time(), time.monotonic()
@@ -403,10 +405,10 @@ class Agent:
                     mono=np.full(chunk.n, now_mono),
                     label=chunk.labels,
                 )
-                self.spool.append(block, cursor=ReplayCursor(self._replay_identity, chunk.start_row + chunk.n))
+                self.spool.append(block, cursor=ReplayCursor(self._replay_identity, chunk.next_row))
                 done += chunk.n
                 self.counters.records += chunk.n
-                self.counters.replay_rows = chunk.start_row + chunk.n
+                self.counters.replay_rows = chunk.next_row
                 self._commit()
             if exhausted:
                 self.spool.flush()

@@ -21,6 +21,8 @@ from typing import Any
 
 from edge_agent.app import Agent, ReplaySettings, agent_version
 from edge_agent.config import DEFAULT_BUNDLE, DEFAULT_KEY, AgentConfig, ConfigError, load_config
+from edge_agent.sensors.replay import ReplayError
+from edge_agent.sensors.simulated import ScenarioError
 from edge_agent.simulate import Fleet, FleetSettings
 from edge_agent.spool import SpoolError, inspect
 from shared.bundle import BundleError
@@ -82,7 +84,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
                 print(
                     f"replay {agent.device_id}: row {agent.counters.replay_rows}, "
                     f"spooled {agent.counters.records}, sent {uplink.counters.records_sent}, "
-                    f"acked {uplink.counters.records_released}, waiting {spool.depth()}",
+                    f"acked {uplink.counters.records_released}, waiting {spool.depth()}, "
+                    f"bad rows {agent.counters.replay_bad_rows}",
                     flush=True,
                 )
     finally:
@@ -247,6 +250,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except (ConfigError, TopicError) as exc:
         log.error("configuration: %s", exc)
+        return 2
+    except (ReplayError, ScenarioError) as exc:
+        log.error("input: %s", exc)
         return 2
     except BundleError as exc:
         log.error("model bundle refused (%s): %s", exc.reason, exc.detail)

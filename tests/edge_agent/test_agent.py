@@ -1,0 +1,217 @@
+"""The whole agent as users run it (`edge-agent run | replay | status | simulate` subprocesses), against
+the real Mosquitto with the test playing the collector."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edge_agent.config import DEFAULT_BUNDLE, DEFAULT_KEY
+from edge_agent.spool import EVENT_SPOOL_LOSS, inspect, merge_ranges
+from shared.bundle import Bundle, load_bundle
+from shared.signing import load_public_keys
+from tests.edge_agent.test_uplink import CollectorPeer, wait_for
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def agent_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "edge_agent", "--log-level", "INFO", *args]
+
+
+def write_config(tmp_path: Path, broker_url: str, device: str, **sections: dict) -> Path:
+    doc: dict = {
+        "device": {"id": device, "profile": "sim-v1", "tags": ["test"]},
+        "mqtt": {"url": broker_url, "reconnect_min_delay_s": 1, "reconnect_max_delay_s": 2},
+        "sensors": {"backend": "simulated", "rate_hz": 20, "seed": 3},
+        "spool": {"commit_interval_s": 0.2},
+        "uplink": {"batch_max_age_s": 0.3, "ack_timeout_s": 5, "status_interval_s": 1},
+        "state_dir": str(tmp_path / "state"),
+    }
+    for name, values in sections.items():
+        doc.setdefault(name, {}).update(values)
+    path = tmp_path / "agent.yaml"
+    path.write_text(json.dumps(doc))  # JSON is YAML
+    return path
+
+
+def run_agent(config: Path, log: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        agent_cmd("run", "--config", str(config)), stdout=log.open("ab"), stderr=subprocess.STDOUT, cwd=REPO
+    )
+
+
+def test_run_kill_restart_declares_exactly_what_was_lost(broker, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    device = f"run-{uuid.uuid4().hex[:8]}"
+    config = write_config(tmp_path, broker.url, device)
+    log = tmp_path / "agent.log"
+    peer = CollectorPeer(broker.url)
+    proc = run_agent(config, log)
+    try:
+        wait_for(lambda: len(peer.unique(device)) >= 30, timeout=30, what=f"records ({log.read_text()[-2000:]})")
+        wait_for(lambda: (tmp_path / "state" / "status.json").exists(), what="status file")
+        status = subprocess.run(
+            agent_cmd("status", "--config", str(config), "--json"), capture_output=True, text=True, cwd=REPO, check=True
+        )
+        doc = json.loads(status.stdout)
+        assert doc["device_id"] == device and doc["state"] == "running"
+        assert doc["model"]["name"] and doc["spool_epoch"] == doc["spool"]["epoch"]
+        assert isinstance(doc["spool_depth"], int) and doc["last_ack_at"] is not None
+        human = subprocess.run(
+            agent_cmd("status", "--config", str(config)), capture_output=True, text=True, cwd=REPO, check=True
+        )
+        assert device in human.stdout and "spool depth" in human.stdout
+
+        os.kill(proc.pid, signal.SIGKILL)  # power cut: no clean stop, no final commit
+        proc.wait(10)
+        wait_for(lambda: peer.statuses[device][-1] == {"state": "offline"}, timeout=15, what="last will")
+
+        proc = run_agent(config, log)  # restart: finds the lost tail and declares it
+        wait_for(lambda: any(e.kind == EVENT_SPOOL_LOSS for e in peer.events), timeout=30, what="spool_loss event")
+        before = max(peer.unique(device))
+        wait_for(lambda: max(peer.unique(device)) > before + 20, timeout=30, what="records after restart")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+        wait_for(lambda: peer.statuses[device][-1]["state"] == "stopped", what="stopped status")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        peer.close()
+    # Every seq up to the last one received is either a record or inside a declared gap: nothing silent.
+    received = peer.unique(device)
+    declared = [(g.first, g.last) for b in peer.batches if b.device_id == device for g in b.gaps]
+    assert declared, "the SIGKILL lost an uncommitted group, which must be declared"
+    covered = merge_ranges([(s, s) for s in received] + declared)
+    assert covered[0][0] == 0 and covered[0][1] >= max(received)
+    assert not set().union(*(range(a, b + 1) for a, b in declared)) & received
+    loss = next(e for e in peer.events if e.kind == EVENT_SPOOL_LOSS)
+    assert (loss.data["first"], loss.data["last"]) in declared
+    batches = [b for b in peer.batches if b.device_id == device]
+    assert len({b.boot_id for b in batches}) == 2 and len({b.spool_epoch for b in batches}) == 1
+
+
+def test_simulate_many_vehicles_with_late_labels(broker, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    prefix = f"sim{uuid.uuid4().hex[:6]}-"
+    labels = tmp_path / "late.csv"
+    peer = CollectorPeer(broker.url)
+    try:
+        done = subprocess.run(
+            agent_cmd(
+                "simulate",
+                "--devices",
+                "3",
+                "--collector",
+                broker.url,
+                "--duration",
+                "4",
+                "--rate",
+                "10",
+                "--state-dir",
+                str(tmp_path / "fleet"),
+                "--id-prefix",
+                prefix,
+                "--late-labels",
+                str(labels),
+                "--late-label-fraction",
+                "0.5",
+            ),
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        devices = [f"{prefix}{i:03d}" for i in (1, 2, 3)]
+        for device in devices:
+            wait_for(lambda d=device: peer.statuses.get(d, [{}])[-1].get("state") == "stopped", what=f"{device}")
+            assert len(peer.unique(device)) >= 10
+        epochs = {b.device_id: b.spool_epoch for b in peer.batches if b.device_id in devices}
+        assert len(set(epochs.values())) == 3
+    finally:
+        peer.close()
+    with labels.open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert rows and {r["device_id"] for r in rows} <= set(devices)
+    for r in rows:
+        assert r["spool_epoch"] == epochs[r["device_id"]]
+        assert r["label"] in {"normal", "vaping", "smoking", "impact", "window_open", "unknown"}
+        assert int(r["seq"]) >= 0
+    # Late labels refer to records that exist (sent now, or still in that vehicle's spool).
+    stored = {d: inspect(tmp_path / "fleet" / d / "spool.db") for d in devices}
+    for r in rows:
+        d, seq = r["device_id"], int(r["seq"])
+        assert seq in peer.unique(d) or seq < stored[d]["next_seq"]
+
+
+@pytest.fixture(scope="module")
+def bundle() -> Bundle:
+    return load_bundle(DEFAULT_BUNDLE, load_public_keys([DEFAULT_KEY]))
+
+
+def write_feature_csv(path: Path, bundle: Bundle, n: int) -> np.ndarray:
+    m = bundle.manifest
+    rng = np.random.default_rng(5)
+    mean, std = np.asarray(m.normalisation.mean), np.asarray(m.normalisation.std)
+    X = (mean + rng.normal(size=(n, len(mean))) * std).astype(np.float32)
+    labels = rng.integers(0, len(m.labels), n)
+    with path.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow([*m.features, "label"])
+        for x, y in zip(X, labels, strict=True):
+            w.writerow([f"{v:.6g}" for v in x] + [m.labels[y]])
+    return labels
+
+
+def test_replay_cli_exits_once_everything_is_acknowledged(broker, bundle: Bundle, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    pytest.importorskip("edge_agent.sensors.replay")
+    device = f"replay-{uuid.uuid4().hex[:8]}"
+    n = 3000
+    data = tmp_path / "session.csv"
+    labels = write_feature_csv(data, bundle, n)
+    config = write_config(
+        tmp_path,
+        broker.url,
+        device,
+        sensors={"backend": "replay", "replay_csv": str(data)},
+        uplink={"batch_max_records": 500},
+    )
+    peer = CollectorPeer(broker.url)
+    try:
+        done = subprocess.run(
+            agent_cmd(
+                "replay",
+                "--config",
+                str(config),
+                "--csv",
+                str(data),
+                "--label-column",
+                "label",
+                "--progress-interval",
+                "1",
+            ),
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            timeout=120,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert "all acknowledged" in done.stdout
+    finally:
+        peer.close()
+    assert peer.unique(device) == set(range(n))
+    got = {}
+    for b in peer.batches:
+        if b.device_id == device:
+            for block in b.blocks:
+                got.update(zip(block.seq.tolist(), block.label.tolist(), strict=True))
+    assert [got[i] for i in range(n)] == labels.tolist()
+    assert inspect(tmp_path / "state" / "spool.db")["depth"] == 0
