@@ -1,0 +1,108 @@
+"""Dataset generator: file format, determinism, agreement with the cabin + feature pipeline, the CLI command."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import gzip
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edge_agent import dataset
+from edge_agent.sensors.replay import ReplaySource
+from edge_agent.sensors.simulated import SimulatedCabin, load_scenario, parse_scenario
+from shared.features import FEATURE_NAMES, FeaturePipeline
+
+LABELS = ["normal", "vaping", "smoking", "impact", "window_open"]
+
+
+def short_scenario():
+    return parse_scenario(
+        {
+            "name": "short",
+            "repeat": True,
+            "timeline": [
+                {"at": 2, "duration": 4, "event": "vaping"},
+                {"at": 7, "duration": 1, "event": "impact", "interval_s": 0.1},
+                {"at": 9, "duration": 3, "event": "window_open"},
+                {"at": 13, "duration": 3, "event": "smoking"},
+                {"at": 16, "duration": 2, "event": "normal"},
+            ],
+        }
+    )
+
+
+def test_generate_is_the_cabin_through_the_feature_pipeline() -> None:
+    sc = short_scenario()
+    rows = list(dataset.generate(sc, seconds=3.0, rate_hz=10.0, seed=3))
+    cabin = SimulatedCabin(sc, seed=3, rate_hz=10.0, start_ts=0.0)
+    pipeline = FeaturePipeline()
+    assert len(rows) == 30
+    for features, label in rows:
+        obs = cabin.read()
+        assert label == obs.truth
+        assert np.array_equal(features, pipeline(obs.env, obs.audio)[0])
+        assert features.dtype == np.float32 and features.shape == (40,)
+
+
+def test_csv_has_header_rows_and_labels(tmp_path: Path) -> None:
+    out = tmp_path / "d.csv"
+    n = dataset.write_dataset(out, short_scenario(), seconds=18.0, rate_hz=10.0, seed=1)
+    assert n == 180
+    with open(out, newline="") as f:
+        reader = csv.reader(f)
+        header = next(reader)
+        body = list(reader)
+    assert header == [*FEATURE_NAMES, "label"]
+    assert len(body) == 180 and all(len(r) == 41 for r in body)
+    counts = Counter(r[-1] for r in body)
+    assert counts == {"normal": 70, "vaping": 40, "impact": 10, "window_open": 30, "smoking": 30}
+    values = np.array([[float(v) for v in r[:-1]] for r in body])
+    assert np.isfinite(values).all()
+    expected = np.array([f for f, _ in dataset.generate(short_scenario(), seconds=18.0, rate_hz=10.0, seed=1)])
+    np.testing.assert_allclose(values, expected, rtol=1e-5)  # 6 significant digits
+    assert max(len(v.lstrip("-").replace(".", "").split("e")[0].lstrip("0")) for r in body for v in r[:-1]) <= 6
+    # Physical units: PM2.5 in µg/m³ rises during vaping, temperature in °C.
+    pm25 = values[:, FEATURE_NAMES.index("pm25_ug_m3")]
+    assert pm25[50:60].mean() > 5 * pm25[:10].mean()
+    assert 15.0 < values[:, 0].mean() < 30.0
+
+
+def test_gzip_output_is_deterministic_and_replays(tmp_path: Path) -> None:
+    a, b = tmp_path / "a.csv.gz", tmp_path / "b.csv.gz"
+    dataset.write_dataset(a, short_scenario(), seconds=5.0, rate_hz=10.0, seed=2)
+    dataset.write_dataset(b, short_scenario(), seconds=5.0, rate_hz=10.0, seed=2)
+    assert a.read_bytes() == b.read_bytes()
+    assert a.read_bytes()[:2] == b"\x1f\x8b"
+    plain = tmp_path / "c.csv"
+    dataset.write_dataset(plain, short_scenario(), seconds=5.0, rate_hz=10.0, seed=2)
+    assert gzip.decompress(a.read_bytes()) == plain.read_bytes()
+    src = ReplaySource(a, FEATURE_NAMES, label_column="label", labels=LABELS)
+    chunk = src.read_chunk(1000)
+    assert chunk.n == 50 and src.missing_cells == 0
+    assert chunk.labels.tolist() == [0] * 20 + [1] * 30
+    assert not list(tmp_path.glob(".*tmp*"))  # the atomic write left no temporary file
+
+
+def test_cli_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    parser = argparse.ArgumentParser(prog="edge-agent")
+    dataset.register(parser.add_subparsers(dest="command", required=True))
+    out = tmp_path / "t.csv.gz"
+    args = parser.parse_args(
+        ["dataset", "--scenario", "training", "--seconds", "4", "--rate", "5", "--seed", "9", "--out", str(out)]
+    )
+    assert args.func(args) == 0
+    assert "wrote 20 rows" in capsys.readouterr().out
+    direct = tmp_path / "direct.csv.gz"
+    dataset.write_dataset(direct, load_scenario("training"), seconds=4, rate_hz=5, seed=9)
+    assert out.read_bytes() == direct.read_bytes()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nbogus: 1\n")
+    args = parser.parse_args(["dataset", "--scenario", str(bad), "--seconds", "1", "--out", str(tmp_path / "x.csv")])
+    assert args.func(args) == 2
+    assert not (tmp_path / "x.csv").exists()
+    args = parser.parse_args(["dataset", "--scenario", "training", "--seconds", "-1", "--out", str(tmp_path / "y.csv")])
+    assert args.func(args) == 2
