@@ -504,14 +504,12 @@ class SimulatedCabin(Source):
         ranked = sorted(enumerate(self._labelled), key=lambda p: (p[1].at, p[0]))
         self._label_edges: list[float] = []
         self._label_values: list[str] = []
-        self._label_segments: list[int] = []
         for start in bounds:
             covering = [i for i, s in ranked if s.at <= start < s.at + s.duration]
             idx = covering[-1] if covering else -1
             label = segment_label(self._labelled[idx]) if idx >= 0 else "normal"
             self._label_edges.append(start)
             self._label_values.append(label)
-            self._label_segments.append(idx)
 
     def _build_spectra(self) -> None:
         n = self.window_samples
@@ -850,6 +848,15 @@ class SimulatedCabin(Source):
             audio=audio,
             truth=self.label_at(t0),
         )
+
+    def advance(self, seconds: float) -> None:
+        """Skip ahead in simulated time without producing audio (the cabin air is still simulated).
+
+        A fleet started at once uses this to put each vehicle at a different point of its scenario.
+        """
+        if not seconds >= 0 or not math.isfinite(seconds):
+            raise ValueError("seconds must be a non-negative number")
+        self.reads += round(seconds * self.rate_hz)
 
     def health(self) -> dict[str, SensorHealth]:
         """The simulator's sensors never fail."""

@@ -123,6 +123,10 @@ def test_observation_shape_timing_and_health() -> None:
     assert obs[10].env is not obs[9].env
     assert set(cabin.health()) == {"bme680", "pms5003", "microphone"}
     assert all(h.state == "ok" for h in cabin.health().values())
+    cabin.advance(100.0)
+    assert cabin.read().mono == pytest.approx(102.6)
+    with pytest.raises(ValueError):
+        cabin.advance(-1.0)
 
 
 def test_same_seed_same_output_other_seed_differs() -> None:
@@ -313,7 +317,7 @@ def test_features_separate_the_classes() -> None:
 
     def data(seed: int, start: float) -> tuple[np.ndarray, np.ndarray]:
         cabin = SimulatedCabin(sc, seed=seed, rate_hz=2.0)
-        cabin.reads = round(start * cabin.rate_hz)  # jump ahead in simulated time
+        cabin.advance(start)
         rows, labels = [], []
         for _ in range(round(900 * cabin.rate_hz)):
             o = cabin.read()
