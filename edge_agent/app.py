@@ -121,6 +121,9 @@ class Agent:
         self.counters = LoopCounters()
         self._bundle = bundle
         self._source = source
+        if replay is None and source is None and config.sensors.backend == "replay":
+            assert config.sensors.replay_csv is not None  # the config validator guarantees it
+            replay = ReplaySettings(config.sensors.replay_csv, config.sensors.label_column, rate=config.sensors.rate_hz)
         self._replay = replay
         self._threads: list[threading.Thread] = []
         self._started = False
