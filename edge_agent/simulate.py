@@ -15,17 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edge_agent.app import Agent
-from edge_agent.config import (
-    DEFAULT_BUNDLE,
-    DEFAULT_KEY,
-    AgentConfig,
-    DeviceSection,
-    LabelsSection,
-    ModelSection,
-    MqttSection,
-    SensorsSection,
-    UplinkSection,
-)
+from edge_agent.config import DEFAULT_BUNDLE, DEFAULT_KEY, AgentConfig, config_from_dict
 from shared.bundle import load_bundle
 from shared.signing import load_public_keys
 
@@ -53,22 +43,26 @@ class FleetSettings:
 
 
 def device_config(settings: FleetSettings, number: int) -> AgentConfig:
-    """The configuration of simulated vehicle ``number``."""
+    """The configuration of simulated vehicle ``number`` (``ConfigError`` names a bad setting)."""
     device_id = f"{settings.id_prefix}{number:03d}"
-    return AgentConfig(
-        device=DeviceSection(id=device_id, profile="sim-v1", tags=["simulated"]),
-        mqtt=MqttSection(url=settings.collector, protocol=settings.protocol),
-        model=ModelSection(bundle=settings.bundle, trusted_keys=list(settings.trusted_keys)),
-        sensors=SensorsSection(
-            backend="simulated", scenario=settings.scenario, seed=settings.seed + number, rate_hz=settings.rate_hz
-        ),
-        uplink=UplinkSection(batch_max_age_s=settings.batch_max_age_s),
-        labels=LabelsSection(
-            late_label_fraction=settings.late_label_fraction if settings.late_labels else 0.0,
-            late_labels_path=settings.late_labels,
-        ),
-        state_dir=settings.state_dir / device_id,
-    )
+    doc = {
+        "device": {"id": device_id, "profile": "sim-v1", "tags": ["simulated"]},
+        "mqtt": {"url": settings.collector, "protocol": settings.protocol},
+        "model": {"bundle": settings.bundle, "trusted_keys": list(settings.trusted_keys)},
+        "sensors": {
+            "backend": "simulated",
+            "scenario": settings.scenario,
+            "seed": settings.seed + number,
+            "rate_hz": settings.rate_hz,
+        },
+        "uplink": {"batch_max_age_s": settings.batch_max_age_s},
+        "labels": {
+            "late_label_fraction": settings.late_label_fraction if settings.late_labels else 0.0,
+            "late_labels_path": settings.late_labels,
+        },
+        "state_dir": settings.state_dir / device_id,
+    }
+    return config_from_dict(doc, source="edge-agent simulate")
 
 
 class Fleet:
