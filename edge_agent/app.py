@@ -414,6 +414,7 @@ class Agent:
                 self.counters.replay_rows = chunk.next_row
                 self._commit()
             if exhausted:
+                self.counters.replay_bad_rows = int(getattr(src, "bad_rows", 0))
                 self.spool.flush()
                 if self.uplink is not None:
                     self.uplink.notify()

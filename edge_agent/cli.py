@@ -97,7 +97,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
         print(f"replay {agent.device_id}: interrupted; run again to resume", flush=True)
         return 1
     print(
-        f"replay {agent.device_id}: done, {agent.counters.records} records inferred, all acknowledged",
+        f"replay {agent.device_id}: done, {agent.counters.records} records inferred, all acknowledged, "
+        f"{agent.counters.replay_bad_rows} bad rows skipped",
         flush=True,
     )
     return 0
