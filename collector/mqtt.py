@@ -80,6 +80,17 @@ def parse_mqtt_url(url: str) -> BrokerAddress:
     )
 
 
+class _QuietStop(logging.Filter):
+    """paho 2.2 logs "Client is not connected" at ERROR once after every clean disconnect: drop that one."""
+
+    def __init__(self, owner: CollectorMqtt) -> None:
+        super().__init__()
+        self._owner = owner
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (self._owner._paused and str(record.msg).startswith("Client is not connected"))
+
+
 def _topic_text(msg: paho.MQTTMessage) -> str:
     try:
         return msg.topic
@@ -132,7 +143,11 @@ class CollectorMqtt:
                 protocol=MQTTProtocolVersion.MQTTv311,
                 manual_ack=True,
             )
-        client.enable_logger(logging.getLogger("collector.mqtt.paho"))
+        # A private child logger (not registered globally) so the filter lives and dies with this client.
+        paho_log = logging.Logger("collector.mqtt.paho")
+        paho_log.parent = logging.getLogger("collector.mqtt.paho")
+        paho_log.addFilter(_QuietStop(self))
+        client.enable_logger(paho_log)
         username = s.mqtt_username or self._address.username
         password = s.mqtt_password or self._address.password
         if username:

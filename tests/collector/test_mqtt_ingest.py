@@ -1,0 +1,409 @@
+"""Ingest end to end over a real Mosquitto: exactly once, ack after commit, hostile payloads, restarts, outages."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import paho.mqtt.client as paho
+import pytest
+import sqlalchemy as sa
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from prometheus_client import REGISTRY
+from sqlalchemy.engine import Engine
+
+from collector.config import Settings
+from collector.db import make_engine, upgrade
+from collector.ingest import Ingest
+from shared.codec import MAGIC, Gap, encode_batch
+from shared.messages import Ack
+from tests.services import Mosquitto, Postgres
+from tests.shared.test_codec import make_batch, make_block
+
+pytestmark = pytest.mark.services
+
+
+def wait_until(cond: Callable[[], bool], timeout: float = 20.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def payload(device: str, first: int, n: int = 200, *, seed: int = 0, epoch: str = "e" * 16, **kw: Any) -> bytes:
+    blk = make_block(n, first_seq=first, seed=seed)
+    kw.setdefault("gaps", [])
+    return encode_batch(
+        make_batch(blk, device_id=device, spool_epoch=epoch, seq_first=first, seq_last=first + n - 1, **kw)
+    )
+
+
+class FakeVehicle:
+    """Stands in for an agent's uplink: publishes on its topics and collects the collector's Acks."""
+
+    def __init__(
+        self,
+        url: str,
+        device_id: str,
+        *,
+        on_ack: Callable[[str, Ack], Any] | None = None,
+        will: bool = False,
+        protocol: MQTTProtocolVersion = MQTTProtocolVersion.MQTTv5,
+    ) -> None:
+        self.device_id = device_id
+        self.acks: list[Ack] = []
+        self.checks: list[Any] = []
+        self._on_ack = on_ack
+        self._subscribed = threading.Event()
+        host, port = url.removeprefix("mqtt://").split(":")
+        self.client = paho.Client(
+            CallbackAPIVersion.VERSION2, client_id=f"veh-{uuid.uuid4().hex[:8]}", protocol=protocol
+        )
+        if will:
+            self.client.will_set(self.topic("status"), '{"state": "offline"}', qos=1, retain=True)
+        self.client.on_connect = lambda c, *_: c.subscribe(self.topic("ack"), qos=1)
+        self.client.on_subscribe = lambda *_: self._subscribed.set()
+        self.client.on_message = self._message
+        self.client.connect(host, int(port))
+        self.client.loop_start()
+        assert self._subscribed.wait(10), "vehicle could not subscribe to its ack topic"
+
+    def topic(self, kind: str) -> str:
+        return f"fleet/v1/{self.device_id}/{kind}"
+
+    def _message(self, _c: Any, _u: Any, msg: paho.MQTTMessage) -> None:
+        ack = Ack.model_validate_json(msg.payload)
+        if self._on_ack is not None:
+            self.checks.append(self._on_ack(self.device_id, ack))
+        self.acks.append(ack)
+
+    def publish(self, kind: str, data: bytes | str, *, retain: bool = False, topic: str | None = None) -> None:
+        info = self.client.publish(topic or self.topic(kind), data, qos=1, retain=retain)
+        info.wait_for_publish(10)
+
+    def acked(self, first: int, last: int, *, quarantined: bool = False) -> bool:
+        return any((first, last) in a.ranges and a.quarantined == quarantined for a in list(self.acks))
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def collector_settings(url: str, broker_url: str, tmp_path: Path, **kw: Any) -> Settings:
+    return Settings(
+        database_url=url,
+        mqtt_url=broker_url,
+        mqtt_client_id=kw.pop("mqtt_client_id", f"collector-{uuid.uuid4().hex[:8]}"),
+        ingest_max_delay_ms=5,
+        data_dir=tmp_path,
+        **kw,
+    )
+
+
+@pytest.fixture
+def started() -> Iterator[Callable[[Settings], Ingest]]:
+    """Start Ingest instances; stop whatever is still running after the test."""
+    running: list[Ingest] = []
+
+    def start(settings: Settings) -> Ingest:
+        ingest = Ingest(settings)
+        ingest.start()
+        running.append(ingest)
+        assert ingest.wait_connected(15), "collector did not connect and subscribe"
+        return ingest
+
+    yield start
+    for ingest in running:
+        ingest.stop(timeout=5)
+
+
+@pytest.fixture
+def vehicles(broker: Mosquitto) -> Iterator[Callable[..., FakeVehicle]]:
+    made: list[FakeVehicle] = []
+
+    def make(device_id: str, **kw: Any) -> FakeVehicle:
+        v = FakeVehicle(kw.pop("url", broker.url), device_id, **kw)
+        made.append(v)
+        return v
+
+    yield make
+    for v in made:
+        # Clear retained status/reported so later collectors do not hear of this test's devices.
+        for kind in ("status", "reported"):
+            v.client.publish(v.topic(kind), b"", qos=1, retain=True).wait_for_publish(5)
+        v.close()
+
+
+def count(engine: Engine, sql: str, **params: Any) -> int:
+    with engine.connect() as conn:
+        return int(conn.execute(sa.text(sql), params).scalar_one())
+
+
+def counter(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def stored_check(engine: Engine) -> Callable[[str, Ack], tuple[int, int]]:
+    """Runs when an Ack arrives: how many of the acked records are visible in the database right then."""
+
+    def check(device: str, ack: Ack) -> tuple[int, int]:
+        if ack.quarantined:
+            return (0, 0)
+        expected = sum(b - a + 1 for a, b in ack.ranges)
+        found = sum(
+            count(
+                engine,
+                "SELECT count(*) FROM inference WHERE device_id = :d AND spool_epoch = :e AND seq BETWEEN :a AND :b",
+                d=device,
+                e=ack.spool_epoch,
+                a=a,
+                b=b,
+            )
+            for a, b in ack.ranges
+        )
+        return (expected, found)
+
+    return check
+
+
+def test_stream_lands_exactly_once_while_hostile_payloads_are_quarantined(
+    broker: Mosquitto, sqlite_url: str, tmp_path: Path, started: Callable[[Settings], Ingest], vehicles: Any
+) -> None:
+    upgrade(sqlite_url)
+    reader = make_engine(sqlite_url)
+    ingest = started(collector_settings(sqlite_url, broker.url, tmp_path))
+    tag = uuid.uuid4().hex[:6]
+    a = vehicles(f"veh-a-{tag}", on_ack=stored_check(reader))
+    b = vehicles(f"veh-b-{tag}", on_ack=stored_check(reader))
+    before = {r: counter("fleet_ingest_quarantined_total", reason=r) for r in ("bad_magic", "seq_conflict")}
+
+    nan = make_block(50, first_seq=5000, seed=9)
+    nan.probs[0, 0] = np.nan
+    conflicting = payload(a.device_id, 150, 100, seed=42)  # seq 150..249 collide with batch 0..199 (and 200..399)
+    bomb = MAGIC + b"\x01" + __import__("zstandard").ZstdCompressor(level=1).compress(b"\x00" * (40 << 20))
+    hostile: list[tuple[FakeVehicle, str, bytes | str, str | None]] = [
+        (a, "telemetry", np.random.default_rng(3).bytes(5000), "bad_magic"),
+        (a, "telemetry", payload(a.device_id, 9000)[:300], "bad_compression"),
+        (
+            a,
+            "telemetry",
+            payload(a.device_id, 9000)[:3] + b"\x07" + payload(a.device_id, 9000)[4:],
+            "unsupported_version",
+        ),
+        (b, "telemetry", bomb, "decompressed_too_large"),
+        (
+            b,
+            "telemetry",
+            encode_batch(make_batch(nan, device_id=b.device_id, seq_first=5000, seq_last=5049, gaps=[])),
+            "non_finite",
+        ),
+        (a, "telemetry", payload(b.device_id, 7000), "device_mismatch"),
+        (a, "telemetry", conflicting, "seq_conflict"),
+        (b, "status", '{"state": "sleeping"}', "bad_json"),
+        (b, "events", "{" * 10, "bad_json"),
+        (b, "status", json.dumps({"state": "online", "tags": ["x" * 70_000]}), "payload_too_large"),
+    ]
+    expected_reasons: dict[str, int] = {}
+    for i in range(10):
+        a.publish("telemetry", payload(a.device_id, i * 200, seed=i))
+        b.publish("telemetry", payload(b.device_id, i * 200, seed=100 + i, gaps=[Gap(5000, 5009, "crash")]))
+        if i < len(hostile):
+            veh, kind, data, reason = hostile[i]
+            veh.publish(kind, data)
+            if reason:
+                expected_reasons[reason] = expected_reasons.get(reason, 0) + 1
+    a.publish("", payload(a.device_id, 0), topic=f"fleet/v1/bad id {tag}/telemetry")
+    expected_reasons["bad_topic"] = 1
+    a.publish("telemetry", payload(a.device_id, 0, seed=0))  # re-sent batch: a duplicate, acknowledged again
+
+    wait_until(lambda: sum(ingest.stats()["quarantined"].values()) >= sum(expected_reasons.values()), what="quarantine")
+    wait_until(lambda: len([x for x in a.acks if not x.quarantined]) >= 11 and len(b.acks) >= 10, what="acks")
+
+    for dev in (a.device_id, b.device_id):
+        # Batches 150..249 conflicted with stored records: the first versions stay, nothing is added twice.
+        assert count(reader, "SELECT count(*) FROM inference WHERE device_id = :d", d=dev) == 2000
+    quarantined = {}
+    with reader.connect() as conn:
+        for reason, n in conn.execute(sa.text("SELECT reason, count(*) FROM quarantine GROUP BY reason")).all():
+            quarantined[reason] = n
+    assert quarantined == expected_reasons
+    assert ingest.stats()["quarantined"] == expected_reasons
+    for reason, n in before.items():
+        assert counter("fleet_ingest_quarantined_total", reason=reason) == n + 1
+    # Every Ack came after its records were committed: the records were visible when it arrived.
+    assert all(found == expected for expected, found in a.checks + b.checks)
+    assert sum(1 for x in a.acks if x.ranges == [(0, 199)] and not x.quarantined) == 2  # original and re-send
+    assert a.acked(150, 249, quarantined=True)  # the conflict is released with its reason
+    assert b.acked(5000, 5049, quarantined=True)  # the NaN batch, named from its envelope
+    assert all(x.gaps == [(5000, 5009)] for x in b.acks if not x.quarantined)
+    stats = ingest.stats()
+    assert stats["records_inserted"] == 4000
+    assert stats["records_duplicate"] == 200
+    assert stats["records_conflict"] == 100
+    assert count(reader, "SELECT declared_lost FROM device WHERE id = :d", d=b.device_id) == 10  # counted once
+    reader.dispose()
+
+
+def test_restart_receives_what_the_broker_queued_in_the_persistent_session(
+    broker: Mosquitto, sqlite_url: str, tmp_path: Path, started: Callable[[Settings], Ingest], vehicles: Any
+) -> None:
+    upgrade(sqlite_url)
+    reader = make_engine(sqlite_url)
+    settings = collector_settings(sqlite_url, broker.url, tmp_path)
+    first = started(settings)
+    veh = vehicles(f"veh-r-{uuid.uuid4().hex[:6]}")
+    veh.publish("telemetry", payload(veh.device_id, 0))
+    wait_until(lambda: veh.acked(0, 199), what="first ack")
+    first.stop()
+    assert not first.connected
+
+    for i in range(1, 8):  # the collector is down: the broker queues these for its session
+        veh.publish("telemetry", payload(veh.device_id, i * 200, seed=i))
+    time.sleep(0.2)
+    assert count(reader, "SELECT count(*) FROM inference") == 200
+
+    second = started(settings)  # same client id: the same broker session
+    wait_until(lambda: all(veh.acked(i * 200, i * 200 + 199) for i in range(8)), what="acks after restart")
+    assert count(reader, "SELECT count(*) FROM inference") == 1600
+    assert second.stats()["records_inserted"] == 1400
+    reader.dispose()
+
+
+def _kill_connection(client: paho.Client) -> None:
+    """Drop the TCP connection without DISCONNECT, as a power cut would: the broker sends the last will."""
+    client.loop_stop()
+    sock = client.socket()
+    assert isinstance(sock, socket.socket)
+    sock.shutdown(socket.SHUT_RDWR)
+    sock.close()
+
+
+def test_registration_status_last_will_events_and_reported(
+    broker: Mosquitto, sqlite_url: str, tmp_path: Path, started: Callable[[Settings], Ingest], vehicles: Any
+) -> None:
+    upgrade(sqlite_url)
+    reader = make_engine(sqlite_url)
+    started(collector_settings(sqlite_url, broker.url, tmp_path))
+    veh = vehicles(f"veh-s-{uuid.uuid4().hex[:6]}", will=True)
+    dev = veh.device_id
+
+    def device() -> Any:
+        with reader.connect() as conn:
+            return conn.execute(sa.text("SELECT * FROM device WHERE id = :d"), {"d": dev}).one_or_none()
+
+    veh.publish("events", json.dumps({"kind": "self_test", "ts": 12.0, "message": "ok", "data": {"golden": 8}}))
+    wait_until(lambda: device() is not None, what="registration from an event")
+    assert device().status == "unknown"
+    status = {
+        "state": "online",
+        "agent_version": "0.1.0",
+        "boot_id": "b1",
+        "spool_epoch": "e1",
+        "profile": "rpi4-cabin",
+        "model": {"name": "cabin-events", "version": "1.0.0"},
+        "spool_depth": 3,
+        "inference_rate": 10.0,
+        "sensors": {"pms5003": {"state": "failed", "reason": "no frames"}},
+        "tags": ["depot-a"],
+    }
+    veh.publish("status", json.dumps(status), retain=True)
+    wait_until(lambda: device().status == "online", what="online")
+    row = device()
+    assert (row.agent_version, row.profile, row.model_version, row.spool_depth) == ("0.1.0", "rpi4-cabin", "1.0.0", 3)
+    assert json.loads(row.sensors) == {"pms5003": {"state": "failed", "reason": "no frames"}}
+    assert json.loads(row.tags) == ["depot-a"]
+    veh.publish(
+        "reported",
+        json.dumps(
+            {
+                "model": {"name": "cabin-events", "version": "1.1.0"},
+                "update": {"state": "committed", "progress": 1.0, "result": "success"},
+            }
+        ),
+        retain=True,
+    )
+    wait_until(lambda: device().model_version == "1.1.0", what="reported model")
+    assert json.loads(device().reported)["update"]["state"] == "committed"
+
+    _kill_connection(veh.client)
+    wait_until(lambda: device().status == "offline", what="last will")
+    assert device().agent_version == "0.1.0"  # the will carries only the state; the rest stays
+    assert count(reader, "SELECT count(*) FROM device_event WHERE device_id = :d AND kind = 'self_test'", d=dev) == 1
+    # Reconnect so the fixture can clear the retained topics.
+    veh.client.reconnect()
+    veh.client.loop_start()
+    reader.dispose()
+
+
+def test_database_outage_acknowledges_nothing_until_committed(
+    broker: Mosquitto, private_pg: Postgres, tmp_path: Path, started: Callable[[Settings], Ingest], vehicles: Any
+) -> None:
+    upgrade(private_pg.url)
+    reader = make_engine(private_pg.url)
+    settings = collector_settings(private_pg.url, broker.url, tmp_path)
+    ingest = started(settings)
+    veh = vehicles(f"veh-o-{uuid.uuid4().hex[:6]}")
+    veh.publish("telemetry", payload(veh.device_id, 0))
+    wait_until(lambda: veh.acked(0, 199), what="ack before the outage")
+
+    # Outage 1: the writer keeps the group, retries, and acknowledges once the database is back.
+    private_pg.stop("immediate")
+    veh.publish("telemetry", payload(veh.device_id, 200, seed=1))
+    wait_until(lambda: ingest.stats()["commit_failures"] >= 2, what="failed commits")
+    assert not veh.acked(200, 399)
+    private_pg.start()
+    wait_until(lambda: veh.acked(200, 399), timeout=30, what="ack after recovery")
+
+    # Outage 2: the collector stops while the database is down; the broker still holds the message.
+    private_pg.stop("immediate")
+    veh.publish("telemetry", payload(veh.device_id, 400, seed=2))
+    wait_until(lambda: ingest.stats()["commit_failures"] >= 4, what="failed commits")
+    ingest.stop(timeout=0.5)
+    assert not veh.acked(400, 599)
+    private_pg.start()
+    started(settings)  # same session: the unacknowledged message is redelivered
+    wait_until(lambda: veh.acked(400, 599), timeout=30, what="ack after restart")
+    assert count(reader, "SELECT count(*) FROM inference") == 600
+    assert count(reader, "SELECT records FROM device") == 600
+    reader.dispose()
+
+
+@pytest.fixture
+def embedded_url() -> Iterator[str]:
+    """The demo's embedded amqtt broker (MQTT 3.1.1 only)."""
+    from collector.broker import EmbeddedBroker
+    from tests.services import free_port
+
+    embedded = EmbeddedBroker(port=free_port()).start()
+    yield embedded.url
+    embedded.stop()
+
+
+def test_mqtt_311_with_the_embedded_broker(
+    embedded_url: str, sqlite_url: str, tmp_path: Path, started: Callable[[Settings], Ingest], vehicles: Any
+) -> None:
+    upgrade(sqlite_url)
+    reader = make_engine(sqlite_url)
+    settings = collector_settings(sqlite_url, embedded_url, tmp_path, mqtt_protocol="3.1.1")
+    first = started(settings)
+    veh = vehicles("veh-311", url=embedded_url, protocol=MQTTProtocolVersion.MQTTv311)
+    for i in range(3):
+        veh.publish("telemetry", payload(veh.device_id, i * 200, seed=i))
+    wait_until(lambda: all(veh.acked(i * 200, i * 200 + 199) for i in range(3)), what="acks over MQTT 3.1.1")
+    first.stop()
+    # amqtt queues nothing for an anonymous client while it is away (the agent re-sends until acked),
+    # but the restarted collector resumes its session and takes the next batches.
+    started(settings)
+    veh.publish("telemetry", payload(veh.device_id, 600, seed=3))
+    wait_until(lambda: veh.acked(600, 799), what="ack after restart over MQTT 3.1.1")
+    assert count(reader, "SELECT count(*) FROM inference") == 800
+    reader.dispose()
