@@ -10,7 +10,10 @@ Seq numbers are monotonic per device and survive restarts. Before a seq is hande
 *reserved watermark* at or beyond it is committed; at open, seqs between the last committed record
 and the watermark may have been handed out and lost with an uncommitted group (crash, power cut),
 so they are declared as a ``crash`` gap and a ``spool_loss`` event, and numbering continues after
-the watermark. A clean close lowers the watermark, so a clean restart declares nothing.
+the watermark. Reservations are taken ``reserve_step`` seqs at a time (one extra fsync per step,
+not per record), so a crash gap may also cover seqs that were reserved but never used: the
+declared range is an upper bound, never an undercount. A clean close lowers the watermark, so a
+clean restart declares nothing.
 
 The spool is bounded in bytes: past ``max_bytes`` it drops its oldest chunks and declares them as
 a ``spool_full`` gap and a ``spool_dropped`` event. Gaps travel in every batch until an ``Ack``
