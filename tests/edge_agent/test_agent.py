@@ -9,16 +9,21 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from edge_agent.config import DEFAULT_BUNDLE, DEFAULT_KEY
+from edge_agent.app import Agent
+from edge_agent.config import DEFAULT_BUNDLE, DEFAULT_KEY, load_config
+from edge_agent.sensors.base import Observation, Source
 from edge_agent.sensors.simulated import TRAINING_LABELS, UNKNOWN_LABEL
 from edge_agent.spool import EVENT_SPOOL_LOSS, inspect, merge_ranges
 from shared.bundle import Bundle, load_bundle
+from shared.features import FLAG_GAS_MISSING, FLAG_IMPUTED, FLAG_PM_MISSING
+from shared.messages import SensorHealth
 from shared.signing import load_public_keys
 from tests.edge_agent.test_uplink import CollectorPeer, wait_for
 
@@ -261,3 +266,41 @@ def test_replay_resumes_after_a_kill_without_losing_or_repeating_rows(broker, bu
     # In seq order, the records are the CSV rows exactly once each: nothing skipped, nothing repeated.
     assert [got[s] for s in sorted(got)] == labels.tolist()
     assert merge_ranges([(s, s) for s in got] + declared) == [(0, max(got))]
+
+
+class FailedEnvSensors(Source):
+    """Hardware stand-in: the BME680 and PMS5003 are dead, the microphone works."""
+
+    name = "failed-env"
+
+    def __init__(self) -> None:
+        self.rng = np.random.default_rng(0)
+
+    def read(self) -> Observation:
+        audio = (self.rng.normal(size=1600) * 0.05).astype(np.float32)
+        return Observation(mono=time.monotonic(), ts=time.time(), env=None, audio=audio, truth="normal")
+
+    def health(self) -> dict[str, SensorHealth]:
+        return {"bme680": SensorHealth(state="failed", reason="no I2C ack"), "microphone": SensorHealth()}
+
+
+def test_failed_sensors_travel_as_flagged_nan_not_quarantine(broker, bundle: Bundle, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    device = f"nan-{uuid.uuid4().hex[:8]}"
+    config = load_config(write_config(tmp_path, broker.url, device), environ={})
+    peer = CollectorPeer(broker.url)
+    agent = Agent(config, bundle=bundle, source=FailedEnvSensors())
+    agent.start()
+    try:
+        wait_for(lambda: len(peer.unique(device)) >= 10, what="records")
+        wait_for(lambda: bool(peer.statuses.get(device)), what="status")
+    finally:
+        agent.stop()
+        peer.close()
+    assert not peer.bad
+    blocks = [blk for b in peer.batches if b.device_id == device for blk in b.blocks]
+    flags = np.concatenate([blk.sensor_flags for blk in blocks])
+    expected = FLAG_GAS_MISSING | FLAG_PM_MISSING | FLAG_IMPUTED
+    assert ((flags & expected) == expected).all()
+    features = np.concatenate([blk.features for blk in blocks])
+    assert np.isnan(features[:, :13]).all() and np.isfinite(features[:, 13:]).all()
+    assert peer.statuses[device][0]["sensors"]["bme680"]["state"] == "failed"
