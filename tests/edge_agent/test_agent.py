@@ -26,6 +26,7 @@ from shared.features import FLAG_GAS_MISSING, FLAG_IMPUTED, FLAG_PM_MISSING
 from shared.messages import SensorHealth
 from shared.signing import load_public_keys
 from tests.edge_agent.test_uplink import CollectorPeer, wait_for
+from tests.services import Mosquitto
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -56,7 +57,7 @@ def run_agent(config: Path, log: Path) -> subprocess.Popen[bytes]:
     )
 
 
-def test_run_kill_restart_declares_exactly_what_was_lost(broker, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_run_kill_restart_declares_exactly_what_was_lost(broker: Mosquitto, tmp_path: Path) -> None:
     device = f"run-{uuid.uuid4().hex[:8]}"
     config = write_config(tmp_path, broker.url, device)
     log = tmp_path / "agent.log"
@@ -105,7 +106,7 @@ def test_run_kill_restart_declares_exactly_what_was_lost(broker, tmp_path: Path)
     assert len({b.boot_id for b in batches}) == 2 and len({b.spool_epoch for b in batches}) == 1
 
 
-def test_simulate_many_vehicles_with_late_labels(broker, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_simulate_many_vehicles_with_late_labels(broker: Mosquitto, tmp_path: Path) -> None:
     prefix = f"sim{uuid.uuid4().hex[:6]}-"
     labels = tmp_path / "late.csv"
     peer = CollectorPeer(broker.url)
@@ -137,8 +138,12 @@ def test_simulate_many_vehicles_with_late_labels(broker, tmp_path: Path) -> None
         )
         assert done.returncode == 0, done.stderr[-3000:]
         devices = [f"{prefix}{i:03d}" for i in (1, 2, 3)]
+
+        def stopped(device: str) -> bool:
+            return peer.statuses.get(device, [{}])[-1].get("state") == "stopped"
+
         for device in devices:
-            wait_for(lambda d=device: peer.statuses.get(d, [{}])[-1].get("state") == "stopped", what=f"{device}")
+            wait_for(lambda: stopped(device), what=f"{device} stopped")  # noqa: B023 - called at once
             assert len(peer.unique(device)) >= 10
         epochs = {b.device_id: b.spool_epoch for b in peer.batches if b.device_id in devices}
         assert len(set(epochs.values())) == 3
@@ -177,7 +182,7 @@ def write_feature_csv(path: Path, bundle: Bundle, n: int) -> np.ndarray:
     return labels
 
 
-def test_replay_cli_exits_once_everything_is_acknowledged(broker, bundle: Bundle, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_replay_cli_exits_once_everything_is_acknowledged(broker: Mosquitto, bundle: Bundle, tmp_path: Path) -> None:
     pytest.importorskip("edge_agent.sensors.replay")
     device = f"replay-{uuid.uuid4().hex[:8]}"
     n = 3000
@@ -216,7 +221,7 @@ def test_replay_cli_exits_once_everything_is_acknowledged(broker, bundle: Bundle
     finally:
         peer.close()
     assert peer.unique(device) == set(range(n))
-    got = {}
+    got: dict[int, int] = {}
     for b in peer.batches:
         if b.device_id == device:
             for block in b.blocks:
@@ -225,7 +230,9 @@ def test_replay_cli_exits_once_everything_is_acknowledged(broker, bundle: Bundle
     assert inspect(tmp_path / "state" / "spool.db")["depth"] == 0
 
 
-def test_replay_resumes_after_a_kill_without_losing_or_repeating_rows(broker, bundle: Bundle, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_replay_resumes_after_a_kill_without_losing_or_repeating_rows(
+    broker: Mosquitto, bundle: Bundle, tmp_path: Path
+) -> None:
     device = f"resume-{uuid.uuid4().hex[:8]}"
     n = 4000
     data = tmp_path / "session.csv"
@@ -284,7 +291,7 @@ class FailedEnvSensors(Source):
         return {"bme680": SensorHealth(state="failed", reason="no I2C ack"), "microphone": SensorHealth()}
 
 
-def test_failed_sensors_travel_as_flagged_nan_not_quarantine(broker, bundle: Bundle, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_failed_sensors_travel_as_flagged_nan_not_quarantine(broker: Mosquitto, bundle: Bundle, tmp_path: Path) -> None:
     device = f"nan-{uuid.uuid4().hex[:8]}"
     config = load_config(write_config(tmp_path, broker.url, device), environ={})
     peer = CollectorPeer(broker.url)

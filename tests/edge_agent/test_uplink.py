@@ -32,6 +32,7 @@ from shared.codec import Batch, BatchError, decode_batch
 from shared.messages import Ack, DeviceEvent, Status
 from shared.topics import Kind, parse, subscription, topic
 from tests.edge_agent.test_spool import make_block
+from tests.services import Mosquitto
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -85,7 +86,7 @@ class CollectorPeer:
                 self.events.append(DeviceEvent.model_validate_json(msg.payload))
             return
         try:
-            batch = decode_batch(msg.payload)
+            batch = decode_batch(bytes(msg.payload))
         except BatchError as exc:
             self.bad.append(exc.reason)
             return
@@ -152,13 +153,13 @@ def spool(tmp_path: Path) -> Iterator[Spool]:
 
 
 @pytest.fixture
-def peer(broker) -> Iterator[CollectorPeer]:  # type: ignore[no-untyped-def]
+def peer(broker: Mosquitto) -> Iterator[CollectorPeer]:
     p = CollectorPeer(broker.url)
     yield p
     p.close()
 
 
-def test_everything_acked_empties_the_spool(broker, peer: CollectorPeer, spool: Spool) -> None:  # type: ignore[no-untyped-def]
+def test_everything_acked_empties_the_spool(broker: Mosquitto, peer: CollectorPeer, spool: Spool) -> None:
     device = new_device()
     fill(spool, 1000)
     uplink = make_uplink(spool, broker.url, device)
@@ -179,7 +180,7 @@ def test_everything_acked_empties_the_spool(broker, peer: CollectorPeer, spool: 
     assert peer.statuses[device][0]["state"] == "online"
 
 
-def test_unacknowledged_batch_is_sent_again_after_the_timeout(broker, spool: Spool) -> None:  # type: ignore[no-untyped-def]
+def test_unacknowledged_batch_is_sent_again_after_the_timeout(broker: Mosquitto, spool: Spool) -> None:
     device = new_device()
     peer = CollectorPeer(broker.url, skip_acks=1)
     fill(spool, 300)
@@ -196,7 +197,7 @@ def test_unacknowledged_batch_is_sent_again_after_the_timeout(broker, spool: Spo
     assert uplink.counters.batches_resent >= 1
 
 
-def test_quarantined_ack_releases(broker, spool: Spool) -> None:  # type: ignore[no-untyped-def]
+def test_quarantined_ack_releases(broker: Mosquitto, spool: Spool) -> None:
     device = new_device()
     peer = CollectorPeer(broker.url, mode="quarantine")
     fill(spool, 150)
@@ -211,7 +212,7 @@ def test_quarantined_ack_releases(broker, spool: Spool) -> None:  # type: ignore
     assert uplink.counters.records_released == 150
 
 
-def test_garbage_on_the_ack_topic_is_counted(broker, peer: CollectorPeer, spool: Spool) -> None:  # type: ignore[no-untyped-def]
+def test_garbage_on_the_ack_topic_is_counted(broker: Mosquitto, peer: CollectorPeer, spool: Spool) -> None:
     device = new_device()
     uplink = make_uplink(spool, broker.url, device)
     uplink.start()
@@ -231,7 +232,7 @@ def test_garbage_on_the_ack_topic_is_counted(broker, peer: CollectorPeer, spool:
     assert peer.unique(device) == set(range(120))
 
 
-def test_gaps_travel_in_the_envelope_and_as_events(broker, peer: CollectorPeer, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_gaps_travel_in_the_envelope_and_as_events(broker: Mosquitto, peer: CollectorPeer, tmp_path: Path) -> None:
     device = new_device()
     path = tmp_path / "crashed.db"
     crashed = Spool(path, max_bytes=1 << 24, reserve_step=1)
@@ -255,7 +256,7 @@ def test_gaps_travel_in_the_envelope_and_as_events(broker, peer: CollectorPeer, 
     assert loss.data["last"] == 34
 
 
-def test_broker_restart_resends_and_delivers_every_seq(private_broker, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_broker_restart_resends_and_delivers_every_seq(private_broker: Callable[[], Mosquitto], tmp_path: Path) -> None:
     broker = private_broker()
     device = new_device()
     peer = CollectorPeer(broker.url, mode="silent")  # nothing is acknowledged before the broker dies
@@ -283,7 +284,7 @@ def test_broker_restart_resends_and_delivers_every_seq(private_broker, tmp_path:
     assert uplink.counters.connects >= 2 and uplink.counters.batches_resent >= 1
 
 
-def test_last_will_offline_when_the_process_is_killed(broker, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_last_will_offline_when_the_process_is_killed(broker: Mosquitto, tmp_path: Path) -> None:
     device = new_device()
     script = textwrap.dedent(
         f"""
