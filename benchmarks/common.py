@@ -177,27 +177,31 @@ class Broker:
         """``mqtt://127.0.0.1:<port>``."""
         return f"mqtt://127.0.0.1:{self.port}"
 
-    def start(self) -> Broker:
-        """Write the rewritten configuration and start the broker."""
+    def start(self, attempts: int = 3) -> Broker:
+        """Write the rewritten configuration and start the broker (on another port if this one was taken)."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.port = self.port or free_port()
-        text = BROKER_CONF.read_text()
-        text = re.sub(r"(?m)^listener .*$", f"listener {self.port} 127.0.0.1", text)
-        text = re.sub(r"(?m)^persistence_location .*$", f"persistence_location {self.folder}/", text)
-        text += f"\nlog_dest file {self.folder}/mosquitto.log\n"
-        conf = self.folder / "mosquitto.conf"
-        conf.write_text(text)
-        self.proc = subprocess.Popen(
-            [mosquitto_binary(), "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-        try:
-            wait_port(self.port)
-        except TimeoutError:
-            self.stop()
-            log_file = self.folder / "mosquitto.log"
-            detail = log_file.read_text()[-2000:] if log_file.exists() else ""
-            raise ServiceUnavailable(f"mosquitto did not start: {detail}") from None
-        return self
+        for _ in range(attempts):
+            self.port = free_port()
+            text = BROKER_CONF.read_text()
+            text = re.sub(r"(?m)^listener .*$", f"listener {self.port} 127.0.0.1", text)
+            text = re.sub(r"(?m)^persistence_location .*$", f"persistence_location {self.folder}/", text)
+            text += f"\nlog_dest file {self.folder}/mosquitto.log\n"
+            conf = self.folder / "mosquitto.conf"
+            conf.write_text(text)
+            self.proc = subprocess.Popen(
+                [mosquitto_binary(), "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            )
+            with contextlib.suppress(TimeoutError):
+                wait_port(self.port)
+            # Other processes on this machine start brokers too: a port taken between free_port()
+            # and the bind makes ours exit while theirs answers, so insist that ours is alive.
+            time.sleep(0.3)
+            if self.proc.poll() is None:
+                return self
+            log.warning("mosquitto exited at start on port %d (taken?); trying another port", self.port)
+        log_file = self.folder / "mosquitto.log"
+        detail = log_file.read_text()[-2000:] if log_file.exists() else ""
+        raise ServiceUnavailable(f"mosquitto did not start after {attempts} attempts: {detail}")
 
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM (Mosquitto saves its persistence file), SIGKILL if it hangs."""
@@ -262,9 +266,17 @@ class Collector:
     extra_env: dict[str, str] | None = None
     proc: subprocess.Popen[bytes] | None = None
     port: int = 0
+    _log: Any = None
 
-    def start(self, timeout: float = 60.0) -> Collector:
-        """Start and wait until its health endpoint says MQTT is connected."""
+    def start(self, timeout: float = 60.0, attempts: int = 3) -> Collector:
+        """Start and wait until it has migrated its database and its health endpoint says MQTT is connected."""
+        for _ in range(attempts):
+            if self._start_once(timeout):
+                return self
+            log.warning("fleet-collector exited at start (HTTP port %d taken?); trying another port", self.port)
+        raise RuntimeError(f"fleet-collector did not start: {self.tail()}")
+
+    def _start_once(self, timeout: float) -> bool:
         self.port = free_port()
         env = dict(os.environ)
         env.update(
@@ -277,7 +289,9 @@ class Collector:
         )
         env.update(self.extra_env or {})
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self._log = self.log_path.open("wb")
+        if self._log is not None:
+            self._log.close()
+        self._log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             [venv_bin("fleet-collector"), "--log-level", "WARNING", "serve"],
             env=env,
@@ -288,13 +302,29 @@ class Collector:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"fleet-collector exited with {self.proc.returncode}: {self.tail()}")
+                return False
             health = self.health()
             if health is not None and health.get("mqtt") == "connected":
-                return self
+                # Someone else's server may answer on a port we lost: ours must be alive and must
+                # have migrated our own database.
+                time.sleep(0.5)
+                if self.proc.poll() is not None:
+                    return False
+                if self._migrated():
+                    return True
             time.sleep(0.2)
         self.stop()
         raise RuntimeError(f"fleet-collector not ready after {timeout:.0f} s: {self.tail()}")
+
+    def _migrated(self) -> bool:
+        """True once the collector's schema exists in its database."""
+        if self.database_url.startswith("sqlite"):
+            return True
+        import psycopg
+
+        with psycopg.connect(self.database_url) as conn:
+            row = conn.execute("SELECT to_regclass('public.inference') IS NOT NULL").fetchone()
+        return bool(row and row[0])
 
     def health(self) -> dict[str, Any] | None:
         """``GET /api/v1/health``, or None while it does not answer."""
@@ -321,8 +351,9 @@ class Collector:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        if getattr(self, "_log", None) is not None:
+        if self._log is not None:
             self._log.close()
+            self._log = None
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
