@@ -167,6 +167,7 @@ class CollectorMqtt:
         """Connect in the background (retrying until the broker answers) and start the network thread."""
         if self._started:
             return
+        self._paused = False
         a = self._address
         if self._v5:
             props = Properties(PacketTypes.CONNECT)

@@ -6,7 +6,9 @@ already stored with the same content (duplicates: a re-sent batch) and which ``s
 stored with *different* content (conflicts: a reused seq; the first version is kept).
 
 PostgreSQL: COPY has no ``ON CONFLICT``, so rows go by binary COPY into a temporary staging
-table, then ``INSERT … SELECT … ON CONFLICT DO NOTHING`` into ``inference``. The COPY stream is
+table, then ``INSERT … SELECT … ON CONFLICT DO NOTHING`` into ``inference``; when its row count
+shows that some rows were already stored, it is undone (savepoint) and redone with ``RETURNING``
+to learn which. The COPY stream is
 laid out by numpy: all rows of a block have the same field sizes, so one structured dtype (field
 count, then length and big-endian value of every field) describes a whole run of tuples and
 ``tobytes()`` produces the stream without a Python loop per row. Only the rows that were not
@@ -65,8 +67,9 @@ class InferenceRows:
     """The records of one block of one batch, columnar and typed as they are stored.
 
     Byte columns (``probs``, ``features``, ``act_bits``, ``act_sample``) are 2-D ``uint8`` arrays
-    with one row of raw little-endian bytes per record. ``act_sample`` rows are meaningful only
-    where ``sampled`` is true (NULL otherwise); ``label`` is ``-1`` where unknown (NULL).
+    with one row of raw little-endian bytes per record, except ``act_sample``, which has one row
+    per *sampled* record, at the increasing positions ``sample_idx`` (the others store NULL; a
+    full-height array would let a tiny payload claim gigabytes). ``label`` is ``-1`` where unknown (NULL).
     """
 
     device_id: str
@@ -86,8 +89,8 @@ class InferenceRows:
     probs: np.ndarray  # uint8 [n, 2 * classes] (float16)
     features: np.ndarray  # uint8 [n, itemsize * features]
     act_bits: np.ndarray  # uint8 [n, ceil(hidden / 8)]
-    act_sample: np.ndarray  # uint8 [n, 2 * hidden] (float16), rows valid where sampled
-    sampled: np.ndarray  # bool [n]
+    act_sample: np.ndarray  # uint8 [k, 2 * hidden] (float16)
+    sample_idx: np.ndarray  # int64 [k], increasing positions of the sampled records
     coact: np.ndarray  # int32
     latency_us: np.ndarray  # float32
     sensor_flags: np.ndarray  # int32
@@ -111,13 +114,8 @@ class InferenceRows:
         features = np.ascontiguousarray(block.features)
         if features.dtype.str not in ("<f2", "<f4"):
             features = features.astype("<f4")
-        sampled = np.zeros(n, dtype=bool)
-        hidden_bytes = 2 * int(block.hidden_units)
-        act_sample = np.zeros((n, hidden_bytes), dtype=np.uint8)
         idx = np.asarray(block.act_sample_idx, dtype=np.int64)
-        if idx.size:
-            sampled[idx] = True
-            act_sample[idx] = _byte_rows(np.asarray(block.act_sample, dtype="<f2"), idx.size)
+        act_sample = np.asarray(block.act_sample, dtype="<f2").reshape(idx.size, int(block.hidden_units))
         return cls(
             device_id=batch.device_id,
             spool_epoch=batch.spool_epoch,
@@ -136,19 +134,37 @@ class InferenceRows:
             probs=_byte_rows(np.asarray(block.probs, dtype="<f2"), n),
             features=_byte_rows(features, n),
             act_bits=_byte_rows(np.asarray(block.act_bits, dtype=np.uint8), n),
-            act_sample=act_sample,
-            sampled=sampled,
+            act_sample=np.ascontiguousarray(act_sample).view(np.uint8),
+            sample_idx=idx,
             coact=np.asarray(block.coact, dtype=np.int32),
             latency_us=np.asarray(block.latency_us, dtype=np.float32),
             sensor_flags=np.asarray(block.sensor_flags, dtype=np.int32),
             digest=record_digests(block),
         )
 
-    def take(self, index: np.ndarray) -> InferenceRows:
-        """The rows at ``index`` (positions or a boolean mask), as a new block."""
-        values: dict[str, Any] = {}
-        for name, value in self.__dict__.items():
-            values[name] = value[index] if isinstance(value, np.ndarray) else value
+    @property
+    def sampled(self) -> np.ndarray:
+        """Boolean mask of the records with sampled activations."""
+        mask = np.zeros(len(self), dtype=bool)
+        mask[self.sample_idx] = True
+        return mask
+
+    @property
+    def nbytes(self) -> int:
+        """Memory held by the columns."""
+        return sum(v.nbytes for v in self.__dict__.values() if isinstance(v, np.ndarray))
+
+    def take(self, mask: np.ndarray) -> InferenceRows:
+        """The rows where the boolean ``mask`` is true, as a new block."""
+        per_sample = ("act_sample", "sample_idx")
+        values: dict[str, Any] = {
+            name: value[mask] if isinstance(value, np.ndarray) and name not in per_sample else value
+            for name, value in self.__dict__.items()
+        }
+        kept = mask[self.sample_idx]
+        values["act_sample"] = self.act_sample[kept]
+        # New positions of the kept sampled records: how many kept rows precede each.
+        values["sample_idx"] = (np.cumsum(mask) - 1)[self.sample_idx[kept]]
         return InferenceRows(**values)
 
 
@@ -257,8 +273,7 @@ def _sqlite_rows(b: InferenceRows) -> Iterator[tuple[Any, ...]]:
     if (b.label == NO_LABEL).any():
         labels = [None if x == NO_LABEL else x for x in labels]
     samples: list[bytes | None] = [None] * n
-    where = np.flatnonzero(b.sampled)
-    for i, blob in zip(where.tolist(), _blobs(b.act_sample[where]), strict=True):
+    for i, blob in zip(b.sample_idx.tolist(), _blobs(b.act_sample), strict=True):
         samples[i] = blob
     const = itertools.repeat
     return zip(
@@ -339,14 +354,14 @@ CREATE TEMP TABLE IF NOT EXISTS {STAGE_TABLE} (
 _COPY = f"COPY {STAGE_TABLE} (ord, {', '.join(INFERENCE_COLUMNS)}) FROM STDIN (FORMAT BINARY)"
 _SELECTED = ", ".join(f"NULLIF(label, {NO_LABEL})" if c == "label" else c for c in INFERENCE_COLUMNS)
 _KEY_MATCH = "{a}.device_id = {b}.device_id AND {a}.spool_epoch = {b}.spool_epoch AND {a}.seq = {b}.seq"
-# The rows the INSERT skipped are the staged rows its RETURNING does not list.
 _INSERT = f"""
-WITH ins AS (
-    INSERT INTO inference ({", ".join(INFERENCE_COLUMNS)})
-    SELECT {_SELECTED} FROM {STAGE_TABLE}
-    ON CONFLICT (device_id, spool_epoch, seq) DO NOTHING
-    RETURNING device_id, spool_epoch, seq
-)
+INSERT INTO inference ({", ".join(INFERENCE_COLUMNS)})
+SELECT {_SELECTED} FROM {STAGE_TABLE}
+ON CONFLICT (device_id, spool_epoch, seq) DO NOTHING
+"""
+# When some rows were already stored: the rows the INSERT skipped are the staged rows its RETURNING does not list.
+_INSERT_SKIPPED = f"""
+WITH ins AS ({_INSERT} RETURNING device_id, spool_epoch, seq)
 SELECT s.ord FROM {STAGE_TABLE} s WHERE NOT EXISTS (SELECT 1 FROM ins WHERE {_KEY_MATCH.format(a="ins", b="s")})
 """
 _STORED = f"""
@@ -389,7 +404,8 @@ def _copy_stream(b: InferenceRows, ords: np.ndarray) -> bytes:
     """The binary COPY tuples of one block: a run without and a run with ``act_sample`` (its NULL-ness varies)."""
     parts = []
     for with_sample in (False, True):
-        mask = b.sampled if with_sample else ~b.sampled
+        sampled = b.sampled
+        mask = sampled if with_sample else ~sampled
         if not mask.any():
             continue
         rows = b if mask.all() else b.take(mask)
@@ -441,7 +457,16 @@ def _write_postgresql(conn: Connection, blocks: list[InferenceRows]) -> tuple[np
         stream.append(_COPY_TRAILER)
         with cur.copy(_COPY) as copy:
             copy.write(b"".join(stream))
+        # Fast path: everything is new (the usual case), known from the row count alone. Otherwise undo
+        # and insert again, asking which rows were skipped (that costs a join of all staged rows).
+        cur.execute("SAVEPOINT fleet_bulk_insert")
         cur.execute(_INSERT)
+        if cur.rowcount == total:
+            cur.execute("RELEASE SAVEPOINT fleet_bulk_insert")
+            return existed, stored
+        cur.execute("ROLLBACK TO SAVEPOINT fleet_bulk_insert")
+        cur.execute("SET LOCAL work_mem = '64MB'")
+        cur.execute(_INSERT_SKIPPED)
         skipped = np.array([row[0] for row in cur.fetchall()], dtype=np.int64)
         if not skipped.size:
             return existed, stored

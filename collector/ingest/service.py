@@ -55,6 +55,8 @@ _MAX_TOPIC = 1024
 _MAX_JSON_DEPTH = 32
 _BACKOFF_MIN_S = 0.1
 _BACKOFF_MAX_S = 5.0
+# Decoded columns held by one group at most: a group of maximal batches must not exhaust memory.
+MAX_GROUP_BYTES = 256 * 1024 * 1024
 
 DEVICE_TABLE: Table = Device.__table__  # type: ignore[attr-defined]
 GAP_TABLE: Table = DeclaredGap.__table__  # type: ignore[attr-defined]
@@ -209,6 +211,11 @@ class Prepared:
     peeked: tuple[str, tuple[int, int]] | None = None
     outcomes: list[WriteOutcome] = field(default_factory=list)
     new_lost: int = 0  # records of gaps this batch declared for the first time
+
+    @property
+    def nbytes(self) -> int:
+        """Memory this message holds (payload and decoded columns)."""
+        return len(self.msg.payload) + sum(r.nbytes for r in self.rows)
 
     def quarantine(self, reason: str, detail: str) -> Prepared:
         """Mark for quarantine under ``reason``; whatever was parsed is dropped."""
@@ -409,29 +416,29 @@ class Ingest:
                     return
                 continue
             try:
-                self._process(group)
+                self._commit(group)
             except Exception:
                 # Nothing of the group was acknowledged: the broker keeps it for the next session.
                 log.exception("ingest group of %d messages failed unexpectedly", len(group))
 
-    def _collect(self) -> list[InboundMessage]:
+    def _collect(self) -> list[Prepared]:
+        """The next group: up to the message limit, the delay after its first message, or the memory cap."""
         try:
             first = self._queue.get(timeout=0.1)
         except queue.Empty:
             return []
-        group = [first]
+        group = [prepare(first)]
+        held = group[0].nbytes
         deadline = time.monotonic() + self.settings.ingest_max_delay_ms / 1000
-        while len(group) < self.settings.ingest_max_batch_messages:
+        while len(group) < self.settings.ingest_max_batch_messages and held < MAX_GROUP_BYTES:
             remaining = deadline - time.monotonic()
             try:
-                group.append(self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait())
+                msg = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
             except queue.Empty:
                 break
+            group.append(prepare(msg))
+            held += group[-1].nbytes
         return group
-
-    def _process(self, group: list[InboundMessage]) -> None:
-        items = [prepare(m) for m in group]
-        self._commit(items)
 
     def _commit(self, items: list[Prepared]) -> None:
         """Write ``items`` in one transaction, retrying while the failure is transient; then acknowledge."""
@@ -744,16 +751,14 @@ def _telemetry(
         )
     seqs = np.concatenate([r.seq for r in item.rows]) if item.rows else np.zeros(0, np.int64)
     stored = np.setdiff1d(seqs, conflicts) if conflicts.size else seqs
-    acks = [
-        (
-            batch.device_id,
-            messages.Ack(
-                spool_epoch=batch.spool_epoch,
-                ranges=seq_ranges(stored),
-                gaps=[(g.first, g.last) for g in batch.gaps],
-            ),
+    acks: list[tuple[str, messages.Ack]] = []
+    if stored.size or batch.gaps:
+        ack = messages.Ack(
+            spool_epoch=batch.spool_epoch,
+            ranges=seq_ranges(stored),
+            gaps=[(g.first, g.last) for g in batch.gaps],
         )
-    ]
+        acks.append((batch.device_id, ack))
     if conflicts.size:
         acks.append(
             (

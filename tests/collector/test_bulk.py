@@ -202,3 +202,16 @@ def test_sqlite_and_postgresql_give_identical_results(sqlite_url: str, pg_url: s
     assert sqlite_outcomes == pg_outcomes
     assert len(sqlite_rows) == 50 + 20 + 40 + 30 + 10
     assert sqlite_rows == pg_rows
+
+
+def test_take_keeps_sampled_activations_aligned() -> None:
+    (r,) = rows(wire(block(50, first=10)))  # activations sampled at positions 0, 10, 20, 30, 40
+    mask = np.zeros(50, dtype=bool)
+    mask[15:45] = True
+    part = r.take(mask)
+    assert len(part) == 30 and part.seq.tolist() == list(range(25, 55))
+    assert part.sample_idx.tolist() == [5, 15, 25]  # positions 20, 30, 40 of the original
+    assert np.array_equal(part.act_sample, r.act_sample[[2, 3, 4]])
+    assert np.array_equal(part.sampled, r.sampled[mask])
+    none = r.take(np.zeros(50, dtype=bool))
+    assert len(none) == 0 and none.act_sample.shape == (0, 128)
