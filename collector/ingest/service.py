@@ -591,7 +591,8 @@ def write_group(conn: Connection, items: list[Prepared], cap: int) -> list[tuple
                     "records": 0,
                     "declared_lost": 0,
                 }
-                for dev, c in devices.items()
+                # Sorted: replicas sharing a subscription take row locks in the same order (no deadlock).
+                for dev, c in sorted(devices.items())
             ],
         )
 
@@ -663,7 +664,7 @@ def write_group(conn: Connection, items: list[Prepared], cap: int) -> list[tuple
     if events:
         conn.execute(insert(EVENT_TABLE), events)
     c = DEVICE_TABLE.c
-    for dev, change in devices.items():
+    for dev, change in sorted(devices.items()):
         conn.execute(
             update(DEVICE_TABLE)
             .where(c.id == dev)

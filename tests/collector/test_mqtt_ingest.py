@@ -103,7 +103,7 @@ def collector_settings(url: str, broker_url: str, tmp_path: Path, **kw: Any) -> 
         database_url=url,
         mqtt_url=broker_url,
         mqtt_client_id=kw.pop("mqtt_client_id", f"collector-{uuid.uuid4().hex[:8]}"),
-        ingest_max_delay_ms=5,
+        ingest_max_delay_ms=kw.pop("ingest_max_delay_ms", 5),
         data_dir=tmp_path,
         **kw,
     )
@@ -411,4 +411,33 @@ def test_mqtt_311_with_the_embedded_broker(
     veh.publish("telemetry", payload(veh.device_id, 600, seed=3))
     wait_until(lambda: veh.acked(600, 799), what="ack after restart over MQTT 3.1.1")
     assert count(reader, "SELECT count(*) FROM inference") == 800
+    reader.dispose()
+
+
+def test_a_message_the_database_refuses_is_isolated_and_quarantined(
+    broker: Mosquitto, sqlite_url: str, tmp_path: Path, started: Callable[[Settings], Ingest], vehicles: Any
+) -> None:
+    upgrade(sqlite_url)
+    reader = make_engine(sqlite_url)
+    with reader.begin() as conn:
+        # A real constraint stands in for whatever a database may refuse that validation let through.
+        conn.exec_driver_sql(
+            "CREATE TRIGGER refuse_boom BEFORE INSERT ON device_event WHEN NEW.kind = 'boom' "
+            "BEGIN SELECT RAISE(ABORT, 'boom refused'); END"
+        )
+    ingest = started(collector_settings(sqlite_url, broker.url, tmp_path, ingest_max_delay_ms=200))
+    veh = vehicles(f"veh-p-{uuid.uuid4().hex[:6]}")
+    veh.publish("telemetry", payload(veh.device_id, 0))
+    veh.publish("events", json.dumps({"kind": "boom", "ts": 1.0}))
+    veh.publish("events", json.dumps({"kind": "fine", "ts": 2.0}))
+    veh.publish("telemetry", payload(veh.device_id, 200, seed=1))
+    wait_until(lambda: veh.acked(0, 199) and veh.acked(200, 399), what="acks around the refused message")
+    wait_until(lambda: ingest.stats()["quarantined"].get("store_failed") == 1, what="store_failed")
+    assert count(reader, "SELECT count(*) FROM inference") == 400
+    assert count(reader, "SELECT count(*) FROM device_event WHERE kind = 'fine'") == 1
+    with reader.connect() as conn:
+        reason, detail = conn.execute(sa.text("SELECT reason, detail FROM quarantine")).one()
+    assert reason == "store_failed" and "boom refused" in detail
+    # Everything was acknowledged: a new collector on the same session gets nothing again.
+    assert ingest.stats()["pending"] == 0
     reader.dispose()
