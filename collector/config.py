@@ -88,6 +88,13 @@ class Settings(BaseSettings):
         "max_inflight_messages (200 in collector/deploy/mosquitto.conf), or the broker stops sending "
         "until the commit and the pipeline stalls.",
     )
+    ingest_max_batch_records: int = Field(
+        50_000,
+        ge=1,
+        le=1_000_000,
+        description="Most inference records written in one transaction (a group closes when it reaches this): "
+        "bounds the delay before the first ack of a group and the memory it holds.",
+    )
     ingest_max_delay_ms: int = Field(
         20,
         ge=0,

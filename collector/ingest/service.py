@@ -1,8 +1,9 @@
 """The ingest service: MQTT messages to committed rows, exactly once, acknowledged only after commit.
 
-One writer thread drains the queue that the MQTT client fills, in groups of up to
-``ingest_max_batch_messages`` messages or ``ingest_max_delay_ms`` after the first. A group is
-decoded, written in ONE transaction and committed; only then is every message of the group
+A decoder thread drains the queue that the MQTT client fills, in groups of up to
+``ingest_max_batch_messages`` messages or ``ingest_max_delay_ms`` after the first, and decodes
+them while the one writer thread commits the previous group. A group is written in ONE
+transaction and committed; only then is every message of the group
 acknowledged to the broker (in arrival order) and an :class:`~shared.messages.Ack` published to
 each device for its batches. Invalid payloads are stored in quarantine with a reason, counted and
 acknowledged, so they never block the stream.
@@ -213,6 +214,11 @@ class Prepared:
     new_lost: int = 0  # records of gaps this batch declared for the first time
 
     @property
+    def n_records(self) -> int:
+        """Inference records this message carries (0 unless valid telemetry)."""
+        return sum(len(r) for r in self.rows)
+
+    @property
     def nbytes(self) -> int:
         """Memory this message holds (payload and decoded columns)."""
         return len(self.msg.payload) + sum(r.nbytes for r in self.rows)
@@ -323,7 +329,9 @@ class Ingest:
         self.mqtt = CollectorMqtt(settings, self._enqueue)
         self._stop = threading.Event()
         self._abort = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
+        # Decoded groups waiting for the writer: one, so decoding overlaps the previous commit without running ahead.
+        self._groups: queue.Queue[list[Prepared] | None] = queue.Queue(maxsize=1)
         self._lock = threading.Lock()
         self._stats = _Stats()
         self._pending = 0  # messages received and not yet acknowledged or given up
@@ -337,13 +345,17 @@ class Ingest:
     # ------------------------------------------------------------------------- lifecycle
 
     def start(self) -> None:
-        """Start the writer thread, then connect to the broker."""
-        if self._thread is not None:
+        """Start the decoder and writer threads, then connect to the broker."""
+        if self._threads:
             return
         self._stop.clear()
         self._abort.clear()
-        self._thread = threading.Thread(target=self._run, name="ingest-writer", daemon=True)
-        self._thread.start()
+        self._threads = [
+            threading.Thread(target=self._decode_loop, name="ingest-decoder", daemon=True),
+            threading.Thread(target=self._write_loop, name="ingest-writer", daemon=True),
+        ]
+        for t in self._threads:
+            t.start()
         self.mqtt.start()
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -354,13 +366,17 @@ class Ingest:
         """
         self.mqtt.pause()
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            if self._thread.is_alive():
-                log.warning("ingest writer still busy after %.1fs; leaving the rest to the broker", timeout)
-                self._abort.set()
-                self._thread.join(_BACKOFF_MAX_S + 5)
-            self._thread = None
+        deadline = time.monotonic() + timeout
+        for t in self._threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        if any(t.is_alive() for t in self._threads):
+            log.warning("ingest writer still busy after %.1fs; leaving the rest to the broker", timeout)
+            self._abort.set()
+            for t in self._threads:
+                t.join(_BACKOFF_MAX_S + 5)
+        self._threads = []
+        while not self._groups.empty():
+            self._groups.get_nowait()
         self.mqtt.stop()
         with self._lock:
             metrics.INGEST_QUEUE_DEPTH.dec(self._pending)
@@ -408,13 +424,38 @@ class Ingest:
 
     # ------------------------------------------------------------------------- writer thread
 
-    def _run(self) -> None:
+    def _decode_loop(self) -> None:
+        """Collect and decode groups; ends (with a None for the writer) once stopped and drained."""
         while not self._abort.is_set():
-            group = self._collect()
+            try:
+                group = self._collect()
+            except Exception:  # prepare() never raises; this guards the loop itself
+                log.exception("ingest decoder failed; its messages stay unacknowledged")
+                continue
             if not group:
                 if self._stop.is_set():
-                    return
+                    break
                 continue
+            self._hand_over(group)
+        self._hand_over(None)
+
+    def _hand_over(self, group: list[Prepared] | None) -> None:
+        while not self._abort.is_set():
+            try:
+                self._groups.put(group, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def _write_loop(self) -> None:
+        """Commit groups in arrival order until the decoder says it is done (or stop gives up)."""
+        while not self._abort.is_set():
+            try:
+                group = self._groups.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            if group is None:
+                return
             try:
                 self._commit(group)
             except Exception:
@@ -422,15 +463,19 @@ class Ingest:
                 log.exception("ingest group of %d messages failed unexpectedly", len(group))
 
     def _collect(self) -> list[Prepared]:
-        """The next group: up to the message limit, the delay after its first message, or the memory cap."""
+        """The next group: up to the message or record limit, the delay after its first message, or the memory cap."""
         try:
             first = self._queue.get(timeout=0.1)
         except queue.Empty:
             return []
         group = [prepare(first)]
-        held = group[0].nbytes
+        held, records = group[0].nbytes, group[0].n_records
         deadline = time.monotonic() + self.settings.ingest_max_delay_ms / 1000
-        while len(group) < self.settings.ingest_max_batch_messages and held < MAX_GROUP_BYTES:
+        while (
+            len(group) < self.settings.ingest_max_batch_messages
+            and records < self.settings.ingest_max_batch_records
+            and held < MAX_GROUP_BYTES
+        ):
             remaining = deadline - time.monotonic()
             try:
                 msg = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
@@ -438,6 +483,7 @@ class Ingest:
                 break
             group.append(prepare(msg))
             held += group[-1].nbytes
+            records += group[-1].n_records
         return group
 
     def _commit(self, items: list[Prepared]) -> None:
