@@ -62,6 +62,8 @@ from benchmarks.common import (
     DATASET,
     Collector,
     ServiceUnavailable,
+    busy_share,
+    cpu_jiffies,
     emit,
     machine,
     private_broker,
@@ -80,23 +82,6 @@ TARGET_PEAK_RSS_MB = 150.0
 TARGET_REPLAY_PER_S = 5_000.0
 RATE_HZ = 10.0
 SAMPLE_RATE = 16_000
-
-
-# ----------------------------------------------------------------------------- machine load
-
-
-def _cpu_jiffies() -> tuple[int, int]:
-    """(busy, total) jiffies of all CPUs from /proc/stat, to say how loaded the machine was."""
-    fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-    idle = fields[3] + fields[4]  # idle + iowait
-    total = sum(fields[:8])
-    return total - idle, total
-
-
-def _busy_share(before: tuple[int, int], after: tuple[int, int]) -> float:
-    """Share of all CPUs busy between two :func:`_cpu_jiffies` readings."""
-    total = after[1] - before[1]
-    return (after[0] - before[0]) / total if total else 0.0
 
 
 # --------------------------------------------------------------------------------- (c) audio
@@ -179,7 +164,7 @@ def nominal(
                 proc_cpu_seconds(pid),
                 proc_cpu_seconds(_pid(collector)),
                 time.monotonic(),
-                _cpu_jiffies(),
+                cpu_jiffies(),
             )
             shares = []
             last_cpu, last_wall = cpu0, wall0
@@ -188,7 +173,7 @@ def nominal(
                 cpu, wall = proc_cpu_seconds(pid), time.monotonic()
                 shares.append((cpu - last_cpu) / (wall - last_wall))
                 last_cpu, last_wall = cpu, wall
-            cpu1, col1, wall1, busy1 = last_cpu, proc_cpu_seconds(_pid(collector)), last_wall, _cpu_jiffies()
+            cpu1, col1, wall1, busy1 = last_cpu, proc_cpu_seconds(_pid(collector)), last_wall, cpu_jiffies()
             hwm, rss = proc_status_mb(pid, "VmHWM"), proc_status_mb(pid, "VmRSS")
             stored1 = _stored(database_url, device)
         finally:
@@ -210,7 +195,7 @@ def nominal(
         "records_stored_in_window": acked,
         "records_per_s_in_window": acked / elapsed,
         "collector_cpu_share_of_core": (col1 - col0) / elapsed,
-        "machine_busy_share": _busy_share(busy0, busy1),
+        "machine_busy_share": busy_share(busy0, busy1),
         "agent_exit_code": code,
     }
 
@@ -244,7 +229,7 @@ def replay(broker_url: str, collector: Collector, database_url: str, folder: Pat
         f'device: {{id: {device}}}\nmqtt: {{url: "{broker_url}"}}\nstate_dir: {folder / "agent-replay"}\n'
     )
     log_path = folder / "agent-replay.log"
-    col0, busy0 = proc_cpu_seconds(_pid(collector)), _cpu_jiffies()
+    col0, busy0 = proc_cpu_seconds(_pid(collector)), cpu_jiffies()
     children0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     with log_path.open("wb") as log_file:
         t0 = time.monotonic()
@@ -267,7 +252,7 @@ def replay(broker_url: str, collector: Collector, database_url: str, folder: Pat
         )
         elapsed = time.monotonic() - t0
     children1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    col1, busy1 = proc_cpu_seconds(_pid(collector)), _cpu_jiffies()
+    col1, busy1 = proc_cpu_seconds(_pid(collector)), cpu_jiffies()
     stored = _stored(database_url, device)
     agent_cpu = (children1.ru_utime + children1.ru_stime) - (children0.ru_utime + children0.ru_stime)
     if done.returncode != 0:
@@ -283,7 +268,7 @@ def replay(broker_url: str, collector: Collector, database_url: str, folder: Pat
         "stored": stored,
         "agent_cpu_share_of_core": agent_cpu / elapsed,
         "collector_cpu_share_of_core": (col1 - col0) / elapsed,
-        "machine_busy_share": _busy_share(busy0, busy1),
+        "machine_busy_share": busy_share(busy0, busy1),
         "agent_peak_rss_mb": children1.ru_maxrss / 1024,
     }
 

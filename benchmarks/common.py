@@ -132,6 +132,20 @@ def proc_status_mb(pid: int, key: str = "VmHWM") -> float:
     raise KeyError(f"{key} not in /proc/{pid}/status")
 
 
+def cpu_jiffies() -> tuple[int, int]:
+    """(busy, total) jiffies of all CPUs from /proc/stat, to say how loaded the machine was."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    total = sum(fields[:8])
+    return total - idle, total
+
+
+def busy_share(before: tuple[int, int], after: tuple[int, int]) -> float:
+    """Share of all CPUs busy between two :func:`cpu_jiffies` readings (every process, ours included)."""
+    total = after[1] - before[1]
+    return (after[0] - before[0]) / total if total else 0.0
+
+
 # ---------------------------------------------------------------------------------- services
 
 
@@ -357,12 +371,13 @@ class Collector:
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """A plain-text table, columns right-aligned except the first."""
+    """A plain-text table: text columns left-aligned, numeric columns right-aligned."""
     cells = [[str(h) for h in headers]] + [[_cell(v) for v in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    text = [all(isinstance(r[i], str) for r in rows) for i in range(len(headers))]
     lines = []
     for k, r in enumerate(cells):
-        lines.append("  ".join(c.ljust(widths[i]) if i == 0 else c.rjust(widths[i]) for i, c in enumerate(r)))
+        lines.append("  ".join(c.ljust(widths[i]) if text[i] else c.rjust(widths[i]) for i, c in enumerate(r)).rstrip())
         if k == 0:
             lines.append("  ".join("-" * w for w in widths))
     return "\n".join(lines)

@@ -71,6 +71,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import (
     Collector,
     ServiceUnavailable,
+    busy_share,
+    cpu_jiffies,
     emit,
     load_dataset,
     machine,
@@ -326,6 +328,7 @@ class CpuMeter:
     def __init__(self, pids: dict[str, list[int]]) -> None:
         self.pids = pids
         self._start: dict[str, float] = {}
+        self._jiffies = (0, 0)
 
     def _read(self) -> dict[str, float]:
         out: dict[str, float] = {}
@@ -340,11 +343,14 @@ class CpuMeter:
     def start(self) -> None:
         """Read the counters at the start of a phase."""
         self._start = self._read()
+        self._jiffies = cpu_jiffies()
 
     def stop(self) -> dict[str, float]:
-        """CPU seconds used per name since :meth:`start`."""
+        """CPU seconds used per name since :meth:`start`; ``machine_busy`` is the share of all CPUs busy."""
         end = self._read()
-        return {k: end[k] - self._start.get(k, 0.0) for k in end}
+        out = {k: end[k] - self._start.get(k, 0.0) for k in end}
+        out["machine_busy"] = busy_share(self._jiffies, cpu_jiffies())
+        return out
 
 
 def run_publisher(
@@ -562,6 +568,7 @@ def copy_ceiling(database_url: str, planned: list[Planned], meter: CpuMeter, adm
         "stored": stored,
         "prepare_s": prepare_s,
         "postgres_cpu_share": cpu["postgres"] / seconds,
+        "machine_busy_share": cpu["machine_busy"],
         "client_cpu_share": 1.0 - cpu["postgres"] / seconds if seconds else 0.0,
     }
 
@@ -792,6 +799,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     print("(CPU columns: share of one core during the phase)")
     print(
+        f"whole machine busy (all {host['nproc']} CPUs, every process): phase 1 {phase1.cpu['machine_busy']:.2f}, "
+        f"phase 2 {phase2.cpu['machine_busy']:.2f}, COPY ceiling {ceiling['machine_busy_share']:.2f}"
+    )
+    print(
         f"\nphase 1 ack latency p50 {_pct(phase1.latencies, 50):.2f} s, p99 {_pct(phase1.latencies, 99):.2f} s "
         f"(closed window of {args.window} batches: this is queueing, not the lag figure)"
     )
@@ -828,7 +839,8 @@ def main(argv: list[str] | None = None) -> int:
                 "records": phase1.acked_records,
                 "seconds": round(phase1.seconds, 3),
                 "latency_p50_s": _pct(phase1.latencies, 50),
-                "cpu_share": {k: round(v / phase1.seconds, 3) for k, v in phase1.cpu.items()},
+                "cpu_share": {k: round(v / phase1.seconds, 3) for k, v in phase1.cpu.items() if k != "machine_busy"},
+                "machine_busy_share": round(phase1.cpu["machine_busy"], 3),
             },
             "phase2": {
                 "records": phase2.acked_records,
@@ -836,7 +848,8 @@ def main(argv: list[str] | None = None) -> int:
                 "achieved_records_per_s": round(phase2.records_per_s, 0),
                 "latency_p50_s": _pct(phase2.latencies, 50),
                 "latency_max_s": max(phase2.latencies) if phase2.latencies else None,
-                "cpu_share": {k: round(v / phase2.seconds, 3) for k, v in phase2.cpu.items()},
+                "cpu_share": {k: round(v / phase2.seconds, 3) for k, v in phase2.cpu.items() if k != "machine_busy"},
+                "machine_busy_share": round(phase2.cpu["machine_busy"], 3),
             },
             "verify": check,
             "ceiling": {k: round(v, 3) for k, v in ceiling.items()},
