@@ -441,3 +441,21 @@ def test_a_message_the_database_refuses_is_isolated_and_quarantined(
     # Everything was acknowledged: a new collector on the same session gets nothing again.
     assert ingest.stats()["pending"] == 0
     reader.dispose()
+
+
+def test_replicas_share_the_load_with_a_shared_subscription(
+    broker: Mosquitto, sqlite_url: str, tmp_path: Path, started: Callable[[Settings], Ingest], vehicles: Any
+) -> None:
+    upgrade(sqlite_url)
+    reader = make_engine(sqlite_url)
+    replicas = [
+        started(collector_settings(sqlite_url, broker.url, tmp_path, mqtt_shared_subscription=True)) for _ in range(2)
+    ]
+    veh = vehicles(f"veh-m-{uuid.uuid4().hex[:6]}")
+    for i in range(12):
+        veh.publish("telemetry", payload(veh.device_id, i * 100, 100, seed=i))
+    wait_until(lambda: all(veh.acked(i * 100, i * 100 + 99) for i in range(12)), what="acks from both replicas")
+    assert count(reader, "SELECT count(*) FROM inference") == 1200
+    shares = [r.stats()["records_inserted"] for r in replicas]
+    assert sum(shares) == 1200 and all(shares), shares  # each replica took part of the stream
+    reader.dispose()
