@@ -6,18 +6,18 @@ already stored with the same content (duplicates: a re-sent batch) and which ``s
 stored with *different* content (conflicts: a reused seq; the first version is kept).
 
 PostgreSQL: COPY has no ``ON CONFLICT``, so rows go by binary COPY into a temporary staging
-table, then ``INSERT … SELECT … ON CONFLICT DO NOTHING`` into ``inference``; when its row count
-shows that some rows were already stored, it is undone (savepoint) and redone with ``RETURNING``
-to learn which. The COPY stream is
-laid out by numpy: all rows of a block have the same field sizes, so one structured dtype (field
-count, then length and big-endian value of every field) describes a whole run of tuples and
-``tobytes()`` produces the stream without a Python loop per row. Only the rows that were not
-inserted come back to Python, and only they are compared by digest.
+table, then ``INSERT … SELECT … ON CONFLICT DO NOTHING`` into ``inference``. When its row count
+shows that some rows were already stored (rare: a re-sent batch), the insert is undone to a
+savepoint and redone with ``RETURNING`` to learn which; only those rows come back to Python and
+only they are compared by digest. The COPY stream is laid out by numpy: all rows of a block have
+the same field sizes, so one structured dtype (field count, then length and big-endian value of
+every field) describes a whole run of tuples and ``tobytes()`` produces the stream without a
+Python loop per row.
 
 SQLite: one ``executemany`` of ``INSERT … ON CONFLICT DO NOTHING``. New rows get rowids above the
-table's largest rowid before the insert (SQLite allocates max(rowid)+1, and ingest is the only
-writer inside its ``BEGIN IMMEDIATE`` transaction), so when fewer rows were inserted than sent,
-the stored rows with a rowid at or below that mark are the ones that already existed.
+table's largest rowid before the insert (SQLite allocates max(rowid)+1, and no other writer can
+commit inside this transaction), so when fewer rows were inserted than sent, the stored rows with
+a rowid at or below that mark are the ones that already existed.
 """
 
 from __future__ import annotations
