@@ -1,6 +1,8 @@
 """Read-side data access for the API: plain functions, keyword-only arguments, no HTTP.
 
-Lists use keyset pagination: the cursor is an opaque base64 of the last row's sort key, so a
+Time filters and ordering of inference records use ``ts_corrected``: the device's clock when it
+was NTP-synced, else the collector's estimate (a Pi has no real-time clock, so an unsynced device
+may believe it is 1970). Lists use keyset pagination: the cursor is an opaque base64 of the last row's sort key, so a
 page costs the same wherever it is in a table of millions of rows.
 """
 
@@ -85,9 +87,9 @@ def _inference_filters(
     if model_version is not None:
         where.append(col(Inference.model_version) == model_version)
     if since is not None:
-        where.append(col(Inference.ts) >= since)
+        where.append(col(Inference.ts_corrected) >= since)
     if until is not None:
-        where.append(col(Inference.ts) < until)
+        where.append(col(Inference.ts_corrected) < until)
     return where
 
 
@@ -117,10 +119,10 @@ def list_inferences(
     since: float | None = None,
     until: float | None = None,
 ) -> tuple[list[Inference], int, str | None]:
-    """Records ordered by device time, then key: ``(page, total, next cursor)``."""
+    """Records ordered by (corrected) device time, then key: ``(page, total, next cursor)``."""
     where = _inference_filters(device_id=device_id, model_version=model_version, since=since, until=until)
     total = count_inferences(session, device_id=device_id, model_version=model_version, since=since, until=until)
-    key = (col(Inference.ts), col(Inference.device_id), col(Inference.spool_epoch), col(Inference.seq))
+    key = (col(Inference.ts_corrected), col(Inference.device_id), col(Inference.spool_epoch), col(Inference.seq))
     stmt = select(Inference).order_by(*key)
     for clause in where:
         stmt = stmt.where(clause)
@@ -131,7 +133,7 @@ def list_inferences(
     nxt = None
     if len(rows) > limit:
         last = rows[limit - 1]
-        nxt = encode_cursor([last.ts, last.device_id, last.spool_epoch, last.seq])
+        nxt = encode_cursor([last.ts_corrected, last.device_id, last.spool_epoch, last.seq])
     return rows[:limit], total, nxt
 
 

@@ -74,7 +74,7 @@ def parse_time(value: str | None, name: str) -> float | None:
 
 
 class TimeRange:
-    """``since`` (inclusive) and ``until`` (exclusive) query parameters."""
+    """``since`` (inclusive) and ``until`` (exclusive) query parameters, on the corrected device time."""
 
     def __init__(
         self,

@@ -69,9 +69,9 @@ class Inference(SQLModel, table=True):
 
     __tablename__ = "inference"
     __table_args__ = (
-        sa.Index("ix_inference_device_ts", "device_id", "ts"),
-        sa.Index("ix_inference_model_ts", "model_version", "ts"),
-        sa.Index("ix_inference_ts", "ts"),
+        sa.Index("ix_inference_device_ts", "device_id", "ts_corrected"),
+        sa.Index("ix_inference_model_ts", "model_version", "ts_corrected"),
+        sa.Index("ix_inference_ts", "ts_corrected"),
     )
 
     device_id: str = Field(primary_key=True, sa_type=sa.String(ID_LEN))

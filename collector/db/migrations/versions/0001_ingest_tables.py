@@ -106,9 +106,9 @@ def upgrade() -> None:
         sa.Column("digest", sa.BigInteger(), nullable=False),
         sa.PrimaryKeyConstraint("device_id", "spool_epoch", "seq"),
     )
-    op.create_index("ix_inference_device_ts", "inference", ["device_id", "ts"])
-    op.create_index("ix_inference_model_ts", "inference", ["model_version", "ts"])
-    op.create_index("ix_inference_ts", "inference", ["ts"])
+    op.create_index("ix_inference_device_ts", "inference", ["device_id", "ts_corrected"])
+    op.create_index("ix_inference_model_ts", "inference", ["model_version", "ts_corrected"])
+    op.create_index("ix_inference_ts", "inference", ["ts_corrected"])
 
     op.create_table(
         "ingest_batch",
