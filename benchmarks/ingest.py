@@ -40,7 +40,7 @@ benchmark's databases are read from /proc during phases 1 and 4, to show where t
 
 ``sketch_overhead`` is null: the monitoring sketches do not exist yet.
 
-Run: ``.venv/bin/python benchmarks/ingest.py`` (about two minutes). Targets (foundation):
+Run: ``.venv/bin/python benchmarks/ingest.py`` (about a minute and a half). Targets (foundation):
 ``records_per_s`` >= 20,000 and ``ratio_to_copy`` >= 0.30, ``lost`` = ``duplicates`` = 0.
 """
 

@@ -35,7 +35,7 @@ The agent sends features as float32 (the engine's physical units); a variant wit
 features shows what halving them would save. The headline figure is ``spec_40x64x6`` at 500
 records per batch.
 
-Run: ``.venv/bin/python benchmarks/wire_size.py`` (about half a minute). Target: ``ratio_to_json`` <= 0.10.
+Run: ``.venv/bin/python benchmarks/wire_size.py`` (about forty seconds). Target: ``ratio_to_json`` <= 0.10.
 """
 
 from __future__ import annotations
