@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 DEMO_ARGS ?= --devices 5 --duration 60
 
-.PHONY: demo test lint typecheck unit venv clean reference-model
+.PHONY: demo test lint typecheck unit venv clean reference-model readme
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "Python 3.11 is required, found " + sys.version' 
@@ -43,6 +43,10 @@ test: lint typecheck unit
 # Regenerates the committed cabin dataset and reference bundle (see collector/training/README.md).
 reference-model: $(VENV)/.test-installed
 	$(BIN)/python -m collector.training.regenerate
+
+# Rewrites README.md's configuration reference from the config models (a test checks it is current).
+readme: $(VENV)/.test-installed
+	$(BIN)/python docs/config_reference.py --write
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache var

@@ -2,7 +2,8 @@
 
 ``python docs/config_reference.py`` prints the Markdown that README.md holds between the
 ``<!-- config-reference:start -->`` and ``<!-- config-reference:end -->`` markers; a test checks
-they are the same, so the reference cannot drift from the code.
+they are the same, so the reference cannot drift from the code. ``--write`` (``make readme``)
+puts the current tables into README.md.
 """
 
 from __future__ import annotations
@@ -90,5 +91,15 @@ def reference() -> str:
     return "\n".join(parts)
 
 
+def write_readme(readme: Path = Path(ROOT) / "README.md") -> None:
+    """Replace the marked block of ``readme`` with the current tables."""
+    text = readme.read_text()
+    start, end = text.index(START), text.index(END) + len(END)
+    readme.write_text(text[:start] + reference() + text[end:])
+
+
 if __name__ == "__main__":
-    sys.stdout.write(reference() + "\n")
+    if sys.argv[1:] == ["--write"]:
+        write_readme()
+    else:
+        sys.stdout.write(reference() + "\n")

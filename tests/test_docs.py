@@ -16,7 +16,7 @@ def test_readme_configuration_reference_is_current() -> None:
     readme = (REPO / "README.md").read_text()
     block = re.search(r"<!-- config-reference:start -->.*<!-- config-reference:end -->", readme, re.S)
     assert block is not None
-    assert block.group(0) == generated, "run: python docs/config_reference.py and paste it into README.md"
+    assert block.group(0) == generated, "run: make readme"
 
 
 def test_readme_opens_with_the_two_commands() -> None:
