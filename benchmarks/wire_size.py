@@ -394,6 +394,7 @@ def main(argv: list[str] | None = None) -> int:
                     m["json_bytes_per_record"],
                     m["ratio_to_json"],
                     m["json_zstd_bytes_per_record"],
+                    m["json_naive_bytes_per_record"],
                     m["encode_us_per_record"],
                     m["decode_us_per_record"],
                 ]
@@ -401,7 +402,17 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(
         table(
-            ["case", "batch", "wire B/rec", "JSON B/rec", "ratio", "JSON+zstd B/rec", "enc us/rec", "dec us/rec"],
+            [
+                "case",
+                "batch",
+                "wire B/rec",
+                "JSON B/rec",
+                "ratio",
+                "JSON+zstd B/rec",
+                "naive JSON B/rec",
+                "enc us/rec",
+                "dec us/rec",
+            ],
             rows,
         )
     )
