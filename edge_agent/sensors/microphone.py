@@ -87,6 +87,8 @@ def find_input_device(devices: Sequence[Mapping[str, Any]], match: str, channels
     ignored too (ALSA names the UMA-8 ``UMA8``). Raises ``SensorError(reason="not_found")``
     listing the input devices that were seen.
     """
+    if not match.strip():
+        raise ValueError("the device match string is empty: it would pick any input device")
     inputs: list[tuple[int, str, int]] = []
     for position, device in enumerate(devices):
         max_in = int(device.get("max_input_channels", 0))
