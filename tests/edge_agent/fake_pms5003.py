@@ -91,8 +91,8 @@ class FakePms5003:
     """A PMS5003 behind a pty: ``device`` is the path a driver opens.
 
     ``interval_s`` is the active-mode frame period (None: no streaming, only scripts and answers).
-    ``answer_reads`` False drops passive read requests (a lost request); ``received`` lists every
-    7-byte command the driver wrote, in order.
+    The next ``drop_reads`` passive read requests are ignored, as if lost on the wire.
+    ``received`` lists every 7-byte command the driver wrote, in order.
     """
 
     def __init__(self, values: Values | None = None, *, interval_s: float | None = 0.05, mode: str = "active") -> None:
@@ -104,7 +104,7 @@ class FakePms5003:
         self.interval_s = interval_s
         self.mode = mode
         self.asleep = False
-        self.answer_reads = True
+        self.drop_reads = 0
         self.received: list[bytes] = []
         self.frames_sent = 0
         self._script: queue.Queue[ScriptItem] = queue.Queue()
@@ -131,7 +131,7 @@ class FakePms5003:
                 raise TimeoutError("fake PMS5003 script not played")
 
     def wait_received(self, count: int, timeout: float = 5.0) -> list[bytes]:
-        """Block until ``count`` commands have arrived (and been answered); return them."""
+        """Block until ``count`` commands have arrived; return them."""
         with self._lock:
             if not self._lock.wait_for(lambda: len(self.received) >= count, timeout):
                 raise TimeoutError(f"fake PMS5003 got {self.received!r}, expected {count} commands")
@@ -222,17 +222,25 @@ class FakePms5003:
             if frame[-2:] != checksum(frame[:-2]):
                 continue
             cmd, data = frame[2], frame[4]
+            answer = b""
             if cmd == 0xE1:
                 self.mode = "active" if data else "passive"
-                self._write(ack_frame(cmd, data))
+                answer = ack_frame(cmd, data)
             elif cmd == 0xE2:
-                if self.mode == "passive" and not self.asleep and self.answer_reads:
-                    self._write(data_frame(self.values))
+                if self.drop_reads > 0:
+                    self.drop_reads -= 1
+                elif self.mode == "passive" and not self.asleep:
+                    answer = data_frame(self.values)
                     self.frames_sent += 1
             elif cmd == 0xE4:
+                # The sensor answers sleep, and simply starts its fan on wake.
                 if data == 0:
-                    self._write(ack_frame(cmd, data))
+                    answer = ack_frame(cmd, data)
                 self.asleep = data == 0
+            # Recorded (with the new state) before answering, so a driver holding the answer finds the
+            # command recorded; the answer still goes out before any script item played later.
             with self._lock:
                 self.received.append(frame)
                 self._lock.notify_all()
+            if answer:
+                self._write(answer)
