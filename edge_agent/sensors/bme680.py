@@ -281,7 +281,7 @@ def _measurement_duration_s(os_t: int, os_p: int, os_h: int, heater_duration_ms:
 
 
 class Bme680:
-    """A BME680 on an smbus2-like bus, read in forced mode at the caller's pace."""
+    """A BME680 on an smbus2-like bus, read in forced mode at the caller's pace (one reader thread)."""
 
     def __init__(
         self,
