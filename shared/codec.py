@@ -143,21 +143,75 @@ _COLUMNS: Final[dict[str, tuple[tuple[str, ...], str, bool, str | None]]] = {
     "label": (("<i2",), "", False, None),
 }
 _TS_COLUMNS: Final = ("ts", "mono")  # sent as int64 microsecond deltas, decoded back to float64 seconds
+# Multi-byte columns sent as byte planes (see shuffle_bytes): they compress far better that way.
+_SHUFFLED: Final = frozenset(
+    {
+        "pred",
+        "probs",
+        "confidence",
+        "calibrated",
+        "features",
+        "act_sample",
+        "coact",
+        "latency_us",
+        "sensor_flags",
+        "label",
+    }
+)
 
 
-def _column(arr: np.ndarray, delta: bool = False) -> dict[str, Any]:
+def shuffle_bytes(arr: np.ndarray) -> bytes:
+    """Column-major byte planes of ``arr``: all first bytes of column 0, then of column 1, ..., then all second bytes.
+
+    Consecutive records are alike (environmental sensors update at 1 Hz, ten inferences a second),
+    so one feature's values side by side compress to almost nothing, and the exponent bytes of
+    floats, which barely change, are no longer interleaved with their noisy low mantissa bytes.
+    """
+    a = np.ascontiguousarray(arr)
+    cols = a.reshape(a.shape[0], -1).T if a.ndim > 1 else a.reshape(1, -1)
+    planes = np.ascontiguousarray(cols).view(np.uint8).reshape(cols.shape[0], cols.shape[1], a.dtype.itemsize)
+    return np.ascontiguousarray(planes.transpose(2, 0, 1)).tobytes()
+
+
+def unshuffle_bytes(raw: bytes, dtype: np.dtype[Any], shape: tuple[int, ...]) -> np.ndarray:
+    """Inverse of :func:`shuffle_bytes` (``len(raw)`` must already match ``dtype`` and ``shape``)."""
+    n = shape[0] if shape else 1
+    width = math.prod(shape[1:]) if len(shape) > 1 else 1
+    rows, cols = (width, n) if len(shape) > 1 else (1, n)
+    planes = np.frombuffer(raw, np.uint8).reshape(dtype.itemsize, rows, cols)
+    values = np.ascontiguousarray(planes.transpose(1, 2, 0)).view(dtype).reshape(rows, cols)
+    return np.ascontiguousarray(values.T if len(shape) > 1 else values.reshape(-1)).reshape(shape)
+
+
+def _column(arr: np.ndarray, delta: bool = False, shuffle: bool = False) -> dict[str, Any]:
     arr = np.ascontiguousarray(arr)
     if arr.dtype.byteorder == ">":
         arr = arr.astype(arr.dtype.newbyteorder("<"))
     if delta and arr.size:
         arr = np.diff(arr, prepend=arr.dtype.type(0)).astype(arr.dtype)
-    col: dict[str, Any] = {"d": arr.dtype.str, "s": list(arr.shape), "b": arr.tobytes()}
+    shuffle = shuffle and arr.size > 0
+    data = shuffle_bytes(arr) if shuffle else arr.tobytes()
+    col: dict[str, Any] = {"d": arr.dtype.str, "s": list(arr.shape), "b": data}
     if delta:
         col["t"] = "delta"
+    elif shuffle:
+        col["t"] = "shuffle"
     return col
 
 
-def _encode_block(block: RecordBlock) -> dict[str, Any]:
+# float16 keeps 11 significant bits: a relative error of at most 2**-11 (0.05 %) for magnitudes
+# in its normal range. Features are sent as float16 when every value of the block is in that range.
+_F16_MAX: Final = 65504.0
+_F16_MIN_NORMAL: Final = 2.0**-14
+
+
+def features_fit_float16(features: np.ndarray) -> bool:
+    """True when float16 holds every finite value of ``features`` within 0.05 % (NaN travels as NaN)."""
+    mag = np.abs(features[np.isfinite(features)])
+    return bool(((mag == 0) | ((mag >= _F16_MIN_NORMAL) & (mag <= _F16_MAX))).all())
+
+
+def _encode_block(block: RecordBlock, feature_precision: str) -> dict[str, Any]:
     cols: dict[str, Any] = {}
     for name, (dtypes, _kind, delta, _policy) in _COLUMNS.items():
         arr = np.asarray(getattr(block, name))
@@ -165,9 +219,11 @@ def _encode_block(block: RecordBlock) -> dict[str, Any]:
             us = np.round(arr.astype(np.float64) * 1e6).astype(np.int64)
             cols[name] = _column(us, delta=True)
             continue
-        if arr.dtype.str not in dtypes:
+        if name == "features" and feature_precision == "auto" and arr.dtype != np.float16:
+            arr = arr.astype("<f2") if features_fit_float16(arr) else arr.astype("<f4")
+        elif arr.dtype.str not in dtypes:
             arr = arr.astype(dtypes[0])
-        cols[name] = _column(arr, delta=delta)
+        cols[name] = _column(arr, delta=delta, shuffle=not delta and name in _SHUFFLED)
     return {
         "role": block.role,
         "model": block.model_name,
@@ -178,8 +234,14 @@ def _encode_block(block: RecordBlock) -> dict[str, Any]:
     }
 
 
-def encode_batch(batch: Batch, *, level: int = 3) -> bytes:
-    """Serialise ``batch`` to a v1 payload (msgpack, zstd ``level``)."""
+def encode_batch(batch: Batch, *, level: int = 3, feature_precision: str = "auto") -> bytes:
+    """Serialise ``batch`` to a v1 payload (msgpack, zstd ``level``).
+
+    ``feature_precision`` ``"auto"`` sends features as float16 when every value fits it within
+    0.05 % (see :func:`features_fit_float16`), else float32; ``"keep"`` sends them as they are.
+    """
+    if feature_precision not in ("auto", "keep"):
+        raise ValueError(f"feature_precision must be 'auto' or 'keep', not {feature_precision!r}")
     doc = {
         "v": batch.schema_version,
         "device": batch.device_id,
@@ -192,7 +254,7 @@ def encode_batch(batch: Batch, *, level: int = 3) -> bytes:
         "profile": batch.profile,
         "agent": batch.agent_version,
         "gaps": [[int(g.first), int(g.last), g.reason] for g in batch.gaps],
-        "blocks": [_encode_block(b) for b in batch.blocks],
+        "blocks": [_encode_block(b, feature_precision) for b in batch.blocks],
     }
     body = msgpack.packb(doc, use_bin_type=True)
     frame = zstandard.ZstdCompressor(level=level, write_content_size=True).compress(body)
@@ -287,11 +349,15 @@ def _array(cols: dict[str, Any], name: str, shape: tuple[int, ...], block_no: in
     expected = dtype.itemsize * math.prod(shape)
     if len(raw) != expected:
         raise BatchError("bad_length", f"{where} holds {len(raw)} bytes, shape and dtype need {expected}")
-    arr = np.frombuffer(raw, dtype=dtype).reshape(shape)
     transform = col.get("t")
     is_delta = delta or name in _TS_COLUMNS
-    if transform not in (None, "delta") or (transform == "delta") != is_delta:
+    allowed_transforms = ("delta",) if is_delta else ((None, "shuffle") if name in _SHUFFLED else (None,))
+    if transform not in allowed_transforms:
         raise BatchError("bad_column", f"{where} has transform {transform!r}")
+    if transform == "shuffle":
+        arr = unshuffle_bytes(raw, dtype, shape)
+    else:
+        arr = np.frombuffer(raw, dtype=dtype).reshape(shape)
     if is_delta:
         arr = np.cumsum(arr, dtype=dtype)
     if name in _TS_COLUMNS:

@@ -53,7 +53,7 @@ def wire(*blocks: RecordBlock, device: str = "veh-001", epoch: str = "e" * 16, *
         seq_last=int(seqs.max()),
         **changes,
     )
-    return decode_batch(encode_batch(batch))
+    return decode_batch(encode_batch(batch, feature_precision="keep"))  # keep: these tests choose the dtypes
 
 
 def rows(batch: Batch, received_at: float = RECEIVED) -> list[InferenceRows]:

@@ -226,3 +226,59 @@ def test_random_bytes_never_escape_as_other_errors() -> None:
             payload = bytes(flip)
         with contextlib.suppress(BatchError):
             decode_batch(payload)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "shape"),
+    [("<f2", (7, 40)), ("<f4", (5, 3)), ("<u2", (9,)), ("<f4", (1,)), ("<f2", (3, 1)), ("<i2", (0,)), ("<f2", (0, 64))],
+)
+def test_byte_planes_round_trip(dtype: str, shape: tuple[int, ...]) -> None:
+    from shared.codec import shuffle_bytes, unshuffle_bytes
+
+    rng = np.random.default_rng(3)
+    arr = rng.normal(size=shape).astype(dtype) if dtype[1] == "f" else rng.integers(0, 999, shape).astype(dtype)
+    raw = shuffle_bytes(arr) if arr.size else arr.tobytes()
+    assert len(raw) == arr.nbytes
+    assert np.array_equal(unshuffle_bytes(raw, np.dtype(dtype), shape), arr)
+    if arr.ndim == 2 and arr.size:
+        # Column-major planes: the first plane starts with column 0's low bytes, record after record.
+        low = np.ascontiguousarray(arr[:, 0]).view(np.uint8)[:: arr.dtype.itemsize]
+        assert raw[: shape[0]] == low.tobytes()
+
+
+def test_features_travel_as_float16_only_when_it_holds_them() -> None:
+    from shared.codec import features_fit_float16
+
+    cabin = np.array([[21.5, 45.2, 1013.25, 4.7, 12.0, np.nan, -63.1, 0.0]], np.float32)
+    assert features_fit_float16(cabin)
+    assert not features_fit_float16(np.array([[1.0, 70_000.0]], np.float32))  # would overflow to Inf
+    assert not features_fit_float16(np.array([[1.0, 1e-6]], np.float32))  # subnormal: precision lost
+
+    block = make_block(20)
+    block.features = block.features.astype(np.float32)
+    block.features[0, 0] = np.nan
+    small = decode_batch(encode_batch(make_batch(block))).blocks[0].features
+    assert small.dtype == np.float16
+    np.testing.assert_allclose(small[1:], block.features[1:], rtol=2**-11)
+    assert np.isnan(small[0, 0])
+
+    block.features[3, 5] = 123_456.0
+    wide = decode_batch(encode_batch(make_batch(block))).blocks[0].features
+    assert wide.dtype == np.float32 and wide[3, 5] == 123_456.0
+    kept = decode_batch(encode_batch(make_batch(block), feature_precision="keep")).blocks[0].features
+    assert kept.dtype == np.float32
+    with pytest.raises(ValueError, match="feature_precision"):
+        encode_batch(make_batch(block), feature_precision="half")
+
+
+def test_transform_not_allowed_on_a_column_is_rejected() -> None:
+    doc = raw_doc(encode_batch(make_batch()))
+    doc["blocks"][0]["cols"]["seq"]["t"] = "shuffle"
+    with pytest.raises(BatchError) as err:
+        decode_batch(repack(doc))
+    assert err.value.reason == "bad_column"
+    doc = raw_doc(encode_batch(make_batch()))
+    doc["blocks"][0]["cols"]["act_bits"]["t"] = "shuffle"  # single-byte column: never shuffled
+    with pytest.raises(BatchError) as err:
+        decode_batch(repack(doc))
+    assert err.value.reason == "bad_column"
