@@ -209,8 +209,9 @@ class FrameParser:
 class Pms5003:
     """A PMS5003-class sensor on a serial port, in active (streaming) or passive (polled) mode.
 
-    ``read`` returns the freshest complete data frame: in active mode older frames already waiting
-    are counted as ``stale_frames`` and dropped, so a reader that fell behind never lags. It raises
+    ``read`` returns the freshest complete data frame, waiting for one: in active mode older frames
+    already waiting are counted as ``stale_frames`` and dropped, so a reader that fell behind never
+    lags; :meth:`poll` is the non-blocking variant. ``read`` raises
     :class:`SensorDisconnected` when the port fails (after which only :meth:`reopen` helps),
     :class:`SensorDataError` (``checksum`` or ``bad_data``) when bytes came but no valid frame, and
     :class:`SensorError` ``timeout`` when nothing came within ``read_timeout_s``.
@@ -299,6 +300,19 @@ class Pms5003:
             latest = self._take(self._receive(port, want))
         return latest
 
+    def poll(self) -> PmsReading | None:
+        """The freshest data frame already received, or None; never blocks.
+
+        For a caller on a fixed tick that must not wait for the sensor. In passive mode each call
+        also sends the read request whose answer the next call picks up.
+        """
+        port = self._require_port()
+        latest = self._take(self._receive(port, self._in_waiting(port)))
+        if self.mode == "passive":
+            self._send(port, READ_PASSIVE)
+            self._extra["requests"] += 1
+        return latest
+
     def set_mode(self, mode: Mode) -> None:
         """Switch the sensor between streaming (``active``) and answering read requests (``passive``)."""
         if mode not in ("active", "passive"):
@@ -345,8 +359,8 @@ class Pms5003:
     def _configure(self) -> None:
         # The sensor keeps its mode while powered, so a previous run may have left it passive.
         port = self._require_port()
-        port.timeout = POLL_S
         try:
+            port.timeout = POLL_S
             port.reset_input_buffer()
         except _PORT_ERRORS as exc:
             self._lost(exc)

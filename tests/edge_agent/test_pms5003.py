@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import serial
@@ -174,7 +175,7 @@ def start(
     *,
     interval_s: float | None = 0.05,
     device: str | None = None,
-    **kw: object,
+    **kw: Any,
 ) -> tuple[FakePms5003, Pms5003]:
     """A fake sensor and a driver on its pty, once the driver's mode command has been answered."""
     fake = FakePms5003(values, interval_s=interval_s)
@@ -285,6 +286,33 @@ def test_passive_late_answer_is_stale_not_returned(fakes, drivers) -> None:
     wait_waiting(driver, 8 + 32)
     assert driver.read() == reading(A)
     assert driver.counters["stale_frames"] == 1
+
+
+def test_poll_never_waits(fakes, drivers) -> None:
+    fake, driver = start(fakes, drivers, interval_s=None)
+    wait_waiting(driver, 8)
+    assert driver.poll() is None
+    assert driver.counters["acks"] == 1
+    fake.play(data_frame(A), data_frame(B))
+    fake.wait_played()
+    wait_waiting(driver, 64)
+    assert driver.poll() == reading(B)
+    assert driver.poll() is None
+    assert driver.counters["stale_frames"] == 1
+
+
+def test_passive_poll_picks_up_the_previous_request(fakes, drivers) -> None:
+    fake, driver = start(fakes, drivers, A, mode="passive", interval_s=None)
+    wait_waiting(driver, 8)
+    assert driver.poll() is None
+    assert fake.wait_received(2)[-1] == DATASHEET_READ
+    wait_waiting(driver, 32)
+    fake.values = B
+    assert driver.poll() == reading(A)
+    assert fake.wait_received(3)[-1] == DATASHEET_READ
+    wait_waiting(driver, 32)
+    assert driver.poll() == reading(B)
+    assert driver.counters["requests"] == 3
 
 
 def test_mode_switch_sleep_and_wake(fakes, drivers) -> None:
