@@ -16,8 +16,21 @@ declared range is an upper bound, never an undercount. A clean close lowers the 
 clean restart declares nothing.
 
 The spool is bounded in bytes: past ``max_bytes`` it drops its oldest chunks and declares them as
-a ``spool_full`` gap and a ``spool_dropped`` event. Gaps travel in every batch until an ``Ack``
-lists them; records are deleted only when an ``Ack`` for this spool's epoch covers them.
+a ``spool_full`` gap and a ``spool_dropped`` event. Chunks are also bounded in bytes
+(``chunk_max_bytes``) and batches in raw bytes (:data:`BATCH_MAX_BYTES`), so a batch always fits
+the codec's payload and decompressed limits; a chunk that still cannot be published is split in
+two, and a single record that cannot is declared as an ``oversized`` gap. If group commits keep
+failing (disk full, I/O error), at most ``max_pending_records`` records wait in memory: the oldest
+are dropped and declared as a ``spool_error`` gap by the next commit that succeeds (or as a crash
+gap at the next open).
+
+Gaps travel in every batch until an ``Ack`` lists them. Records are deleted only when ``Ack``s for
+this spool's epoch cover them: a chunk goes once the union of the ranges acknowledged for it covers
+all its seqs. A *quarantined* ``Ack`` names the envelope ``[seq_first, seq_last]`` of the payload
+the collector rejected: it releases the chunks of the one in-flight batch with exactly that
+envelope, nothing else (no two in-flight batches share an envelope). Re-sends after an ack timeout
+back off exponentially per batch (``ack_timeout_s * 2^k``, at most :data:`MAX_BACKOFF_S`) until an
+ack makes progress again.
 
 Thread use: the main loop appends and commits, the uplink reads batches and releases acks; one
 lock serialises them on a single connection. Only the agent process writes the spool;
@@ -50,9 +63,27 @@ log = logging.getLogger(__name__)
 SCHEMA_VERSION: Final = 1
 GAP_CRASH: Final = "crash"
 GAP_SPOOL_FULL: Final = "spool_full"
+GAP_OVERSIZED: Final = "oversized"
+GAP_SPOOL_ERROR: Final = "spool_error"
 EVENT_SPOOL_LOSS: Final = "spool_loss"
 EVENT_SPOOL_DROPPED: Final = "spool_dropped"
+EVENT_SPOOL_OVERSIZED: Final = "spool_oversized"
 MAX_GAPS_PER_BATCH: Final = 256  # the codec accepts 1,024; the rest follow in later batches
+# Raw column bytes: what a chunk holds (and, within a few hundred bytes, what it adds to a batch's
+# msgpack body). zstd never grows its input by more than ~0.4 %, so 3 MiB of raw records stays
+# under both the codec's 4 MiB payload limit and its 32 MiB decompressed limit.
+CHUNK_MAX_BYTES: Final = 1024 * 1024
+BATCH_MAX_BYTES: Final = 3 * 1024 * 1024
+MAX_BACKOFF_S: Final = 600.0
+MAX_PENDING_RECORDS: Final = 100_000
+LOSS_COUNTERS: Final = (
+    "crash_gaps",
+    "crash_seqs",
+    "dropped_chunks",
+    "dropped_records",
+    "oversized_records",
+    "error_records",
+)
 
 # Columns of a block, in the codec's order; every one is stored as raw bytes with dtype and shape.
 COLUMNS: Final = (
@@ -139,7 +170,15 @@ class SpoolStats:
     released: int = 0
     acks: int = 0
     foreign_acks: int = 0
+    quarantine_released: int = 0
+    quarantine_unmatched: int = 0
+    envelope_collisions: int = 0
     requeued_batches: int = 0
+    commit_failures: int = 0
+    commit_failures_in_a_row: int = 0
+    pending_dropped: int = 0
+    chunks_split: int = 0
+    oversized_dropped: int = 0
     last_ack_at: float | None = None
 
 
@@ -148,6 +187,9 @@ class _Inflight:
     chunk_ids: set[int]
     gaps: set[int]
     sent_mono: float
+    envelope: tuple[int, int]
+    attempt: int  # ack timeouts its chunks and gaps have already had: the re-send backoff exponent
+    has_records: bool
 
 
 @dataclass
@@ -240,6 +282,8 @@ class Spool:
         chunk_max_records: int = 500,
         reserve_step: int = 100,
         max_blocks_per_batch: int = DEFAULT_LIMITS.max_blocks,
+        chunk_max_bytes: int = CHUNK_MAX_BYTES,
+        max_pending_records: int = MAX_PENDING_RECORDS,
     ) -> None:
         if not 0 < commit_interval_s <= 1.0:
             raise ValueError("commit_interval_s must be in (0, 1]")
@@ -247,6 +291,10 @@ class Spool:
             raise ValueError("commit_max_records, chunk_max_records and reserve_step must be positive")
         if chunk_max_records > DEFAULT_LIMITS.max_records:
             raise ValueError(f"chunk_max_records must be <= {DEFAULT_LIMITS.max_records} (one batch)")
+        if not 0 < chunk_max_bytes <= BATCH_MAX_BYTES:
+            raise ValueError(f"chunk_max_bytes must be in (0, {BATCH_MAX_BYTES}] (one batch)")
+        if max_pending_records < commit_max_records:
+            raise ValueError("max_pending_records must be >= commit_max_records")
         self.path = Path(path)
         self.max_bytes = int(max_bytes)
         self.commit_interval_s = commit_interval_s
@@ -254,6 +302,8 @@ class Spool:
         self.chunk_max_records = chunk_max_records
         self.reserve_step = reserve_step
         self.max_blocks_per_batch = max_blocks_per_batch
+        self.chunk_max_bytes = chunk_max_bytes
+        self.max_pending_records = max_pending_records
         self.stats = SpoolStats()
         self._lock = threading.RLock()
         self._pending = _Pending()
@@ -262,11 +312,19 @@ class Spool:
         self._send_cursor = 0  # highest chunk id handed out at least once in this session
         self._created_mono: dict[int, float] = {}  # chunk id -> commit time, for chunks committed this session
         self._gap_sent: set[int] = set()  # first seq of gaps currently in an unacknowledged batch
+        self._acked: dict[int, list[tuple[int, int]]] = {}  # chunk id -> seqs acknowledged so far (partly)
+        self._attempts: dict[int, int] = {}  # chunk id -> ack timeouts in a row, for the re-send backoff
+        self._gap_attempts: dict[int, int] = {}  # gap first seq -> ack timeouts in a row
+        self._lost_pending: list[tuple[int, int]] = []  # seqs dropped from memory, declared by the next commit
+        self._commit_retry_at = -1e18  # after a failed commit, maybe_commit waits until then
         self._batch_no = 0
         self._closed = False
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30.0)
+        except sqlite3.Error as exc:
+            raise SpoolError(f"{self.path}: cannot open: {exc}") from None
+        try:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("PRAGMA busy_timeout=30000")
@@ -275,9 +333,13 @@ class Spool:
                     if statement.strip():
                         self._db.execute(statement)
                 self._open_meta()
-        except sqlite3.DatabaseError as exc:
-            raise SpoolError(f"{self.path}: not a usable spool: {exc}") from None
-        row = self._db.execute("SELECT COALESCE(SUM(nbytes), 0), COALESCE(SUM(n), 0) FROM chunks").fetchone()
+            row = self._db.execute("SELECT COALESCE(SUM(nbytes), 0), COALESCE(SUM(n), 0) FROM chunks").fetchone()
+        except BaseException as exc:
+            # A long-lived caller may retry: do not leak the connection (and its file descriptors).
+            self._db.close()
+            if isinstance(exc, sqlite3.DatabaseError):
+                raise SpoolError(f"{self.path}: not a usable spool: {exc}") from None
+            raise
         self._bytes, self._depth = int(row[0]), int(row[1])
         log.info(
             "spool %s open: epoch %s, next seq %d, %d records (%d bytes) waiting",
@@ -296,10 +358,16 @@ class Spool:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield
+                self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                # SQLite rolls back by itself on some errors (SQLITE_FULL, I/O errors): a second
+                # ROLLBACK would raise and hide the real error. A failed COMMIT leaves it open.
+                if self._db.in_transaction:
+                    try:
+                        self._db.execute("ROLLBACK")
+                    except sqlite3.Error as exc:
+                        log.error("spool rollback failed: %s", exc)
                 raise
-            self._db.execute("COMMIT")
 
     def _meta_get(self, key: str) -> str | None:
         row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
@@ -400,67 +468,146 @@ class Spool:
         return self._pending.records
 
     def maybe_commit(self, now: float | None = None) -> int:
-        """Commit the buffered group if it is old enough or big enough; return records committed."""
+        """Commit the buffered group if it is old enough or big enough; return records committed.
+
+        After a failed commit the next attempt waits ``commit_interval_s``, so a failing disk is
+        not hammered on every tick (the caller counts the failures this raises).
+        """
         now = time.monotonic() if now is None else now
         p = self._pending
+        if now < self._commit_retry_at:
+            return 0
         if (
             p.records >= self.commit_max_records
             or (p.since is not None and now - p.since >= self.commit_interval_s)
             or (p.records == 0 and p.cursor is not None)
+            or self._lost_pending
         ):
             return self.commit()
         return 0
 
     def commit(self) -> int:
-        """Write the buffered group (and the replay cursor) in one durable transaction."""
+        """Write the buffered group (and the replay cursor) in one durable transaction.
+
+        On failure the group stays buffered for the next attempt and the error is raised; past
+        ``max_pending_records`` buffered records the oldest are dropped, and the next commit that
+        succeeds declares them as a ``spool_error`` gap (a restart declares them as a crash gap).
+        """
         with self._lock:
             pending, self._pending = self._pending, _Pending()
-            if not pending.blocks and pending.cursor is None:
+            lost = merge_ranges(self._lost_pending)
+            if not pending.blocks and pending.cursor is None and not lost:
                 return 0
             groups: dict[tuple[str, str, str, int], list[RecordBlock]] = {}
             for block in pending.blocks:
                 groups.setdefault(_block_key(block), []).append(block)
             now_wall, now_mono = time.time(), time.monotonic()
             new_ids: list[int] = []
+            dropped: list[int] = []
             try:
                 with self._tx():
                     for key, blocks in groups.items():
-                        merged = concat_blocks(blocks)
-                        for start in range(0, len(merged), self.chunk_max_records):
-                            part = slice_block(merged, start, start + self.chunk_max_records)
-                            data = _pack_block(part)
-                            cur = self._db.execute(
-                                "INSERT INTO chunks (first_seq, last_seq, n, role, model, version, hidden, nbytes,"
-                                " created, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                                (int(part.seq[0]), int(part.seq[-1]), len(part), *key, len(data), now_wall, data),
-                            )
-                            new_ids.append(int(cur.lastrowid or 0))
-                            self._bytes += len(data)
-                            self._depth += len(part)
+                        for part, data in self._chunk_parts(concat_blocks(blocks)):
+                            new_ids.append(self._insert_chunk(part, key, data, now_wall))
+                    if lost:
+                        self._declare_lost_pending(lost)
                     self._meta_set("next_seq", self._next_seq)
                     if pending.cursor is not None:
                         self._meta_set("cursor", json.dumps({"file": pending.cursor.file, "row": pending.cursor.row}))
                     if self._bytes > self.max_bytes:
-                        self._drop_oldest()
+                        dropped = self._drop_oldest()
             except BaseException:
-                # Keep the records for the next attempt; byte and depth counters are re-read.
-                self._pending.blocks[:0] = pending.blocks
-                self._pending.records += pending.records
-                self._pending.since = pending.since
-                self._pending.cursor = self._pending.cursor or pending.cursor
+                self._restore_pending(pending)
                 self._recount()
+                self.stats.commit_failures += 1
+                self.stats.commit_failures_in_a_row += 1
+                self._commit_retry_at = time.monotonic() + self.commit_interval_s
                 raise
+            # In-memory state follows the database only once the transaction is durable.
+            self._lost_pending = []
+            self._commit_retry_at = -1e18
+            self.stats.commit_failures_in_a_row = 0
             for cid in new_ids:
                 self._created_mono[cid] = now_mono
+            self._forget_chunks(set(dropped))
             self.stats.committed += pending.records
             self.stats.commits += 1
             return pending.records
+
+    def _chunk_parts(self, block: RecordBlock) -> Iterator[tuple[RecordBlock, bytes]]:
+        """Consecutive slices of ``block`` packed as chunks of at most ``chunk_max_records`` and ``chunk_max_bytes``."""
+        n = len(block)
+        per_record = max(1, sum(np.asarray(getattr(block, c)).nbytes for c in COLUMNS) // max(1, n))
+        step = max(1, min(self.chunk_max_records, self.chunk_max_bytes * 9 // 10 // per_record))
+        todo = [(a, min(a + step, n)) for a in range(0, n, step)][::-1]
+        while todo:
+            a, b = todo.pop()
+            part = slice_block(block, a, b)
+            data = _pack_block(part)
+            if len(data) > self.chunk_max_bytes and b - a > 1:
+                # Sampled activations are not spread evenly: halve until it fits.
+                mid = (a + b) // 2
+                todo += [(mid, b), (a, mid)]
+                continue
+            yield part, data
+
+    def _insert_chunk(self, part: RecordBlock, key: tuple[str, str, str, int], data: bytes, created: float) -> int:
+        cur = self._db.execute(
+            "INSERT INTO chunks (first_seq, last_seq, n, role, model, version, hidden, nbytes, created, data)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (int(part.seq[0]), int(part.seq[-1]), len(part), *key, len(data), created, data),
+        )
+        self._bytes += len(data)
+        self._depth += len(part)
+        return int(cur.lastrowid or 0)
+
+    def _restore_pending(self, pending: _Pending) -> None:
+        """Put a group whose commit failed back in front of the buffer, within ``max_pending_records``."""
+        p = self._pending
+        p.blocks[:0] = pending.blocks
+        p.records += pending.records
+        p.since = pending.since if pending.since is not None else p.since
+        p.cursor = p.cursor or pending.cursor
+        dropped = 0
+        while p.records > self.max_pending_records and p.blocks:
+            block = p.blocks.pop(0)
+            p.records -= len(block)
+            dropped += len(block)
+            self._lost_pending.append((int(block.seq[0]), int(block.seq[-1])))
+        if dropped:
+            self.stats.pending_dropped += dropped
+            log.error(
+                "spool commits keep failing: dropped %d buffered records (over %d in memory); they will be declared",
+                dropped,
+                self.max_pending_records,
+            )
+
+    def _declare_lost_pending(self, lost: list[tuple[int, int]]) -> None:
+        records = sum(b - a + 1 for a, b in lost)
+        for first, last in lost:
+            self._add_gap(first, last, GAP_SPOOL_ERROR)
+        self._queue_event(
+            EVENT_SPOOL_LOSS,
+            f"{records} records dropped from memory while spool commits were failing",
+            {
+                "first": lost[0][0],
+                "last": lost[-1][1],
+                "ranges": [list(r) for r in lost],
+                "records": records,
+                "reason": GAP_SPOOL_ERROR,
+            },
+        )
+        self._count("error_records", records)
 
     def _recount(self) -> None:
         row = self._db.execute("SELECT COALESCE(SUM(nbytes), 0), COALESCE(SUM(n), 0) FROM chunks").fetchone()
         self._bytes, self._depth = int(row[0]), int(row[1])
 
-    def _drop_oldest(self) -> None:
+    def _drop_oldest(self) -> list[int]:
+        """Delete the oldest chunks until under ``max_bytes`` and declare them; return their ids.
+
+        Runs inside the commit's transaction: the caller forgets the ids in memory after COMMIT.
+        """
         dropped: list[tuple[int, int, int, int]] = []
         while self._bytes > self.max_bytes:
             row = self._db.execute(
@@ -472,10 +619,9 @@ class Spool:
             self._db.execute("DELETE FROM chunks WHERE id = ?", (cid,))
             self._bytes -= nbytes
             self._depth -= n
-            self._created_mono.pop(cid, None)
             dropped.append((cid, first, last, n))
         if not dropped:
-            return
+            return []
         ranges = merge_ranges([(f, la) for _c, f, la, _n in dropped])
         records = sum(n for *_x, n in dropped)
         for first, last in ranges:
@@ -494,7 +640,16 @@ class Spool:
         self._count("dropped_chunks", len(dropped))
         self._count("dropped_records", records)
         log.warning("spool full: dropped %d oldest records %s", records, ranges)
-        gone = {c for c, *_x in dropped}
+        return [c for c, *_x in dropped]
+
+    def _forget_chunks(self, gone: set[int]) -> None:
+        """Drop deleted chunks from the in-memory bookkeeping (call under the lock, after COMMIT)."""
+        if not gone:
+            return
+        for cid in gone:
+            self._created_mono.pop(cid, None)
+            self._acked.pop(cid, None)
+            self._attempts.pop(cid, None)
         for no in list(self._inflight):
             batch = self._inflight[no]
             batch.chunk_ids.difference_update(gone)
@@ -520,16 +675,23 @@ class Spool:
             self._db.execute("DELETE FROM meta WHERE key = 'cursor'")
 
     def close(self) -> None:
-        """Flush, lower the reservation watermark (clean stop: no crash gap next time) and close."""
+        """Flush, lower the reservation watermark (clean stop: no crash gap next time) and close.
+
+        If the final commit fails, the watermark stays up, so the next open declares what was lost.
+        """
         with self._lock:
             if self._closed:
                 return
-            self.flush()
-            with self._tx():
-                self._meta_set("reserved", self._next_seq - 1)
-            self._reserved = self._next_seq - 1
             self._closed = True
-            self._db.close()
+            try:
+                self.flush()
+                with self._tx():
+                    self._meta_set("reserved", self._next_seq - 1)
+                self._reserved = self._next_seq - 1
+            except sqlite3.Error as exc:
+                log.error("spool %s: final commit failed (%s); the next start declares what was lost", self.path, exc)
+            finally:
+                self._db.close()
 
     # ------------------------------------------------------------------------------- uplink
 
@@ -553,7 +715,12 @@ class Spool:
         return [int(r[0]) for r in self._db.execute("SELECT first FROM gaps ORDER BY first")]
 
     def next_batch(self, max_records: int) -> PendingBatch | None:
-        """The next batch to publish: re-sends first, then unsent chunks, oldest first, plus open gaps."""
+        """The next batch to publish: re-sends first, then unsent chunks, oldest first, plus open gaps.
+
+        At most ``max_records`` records and :data:`BATCH_MAX_BYTES` raw bytes (one chunk at least).
+        The envelope ``[seq_first, seq_last]`` spans the records and the gaps; it is never the
+        envelope of another batch in flight, because a quarantined ``Ack`` names a batch by it.
+        """
         with self._lock:
             rows = self._take_chunks(max_records)
             gap_rows = self._db.execute(
@@ -567,28 +734,45 @@ class Spool:
                 block = _unpack_block(data, role, model, version, hidden)
                 groups.setdefault((role, model, version, hidden), []).append(block)
             blocks = [concat_blocks(bs) for bs in groups.values()]
-            bounds = [int(b.seq[0]) for b in blocks] + [int(b.seq[-1]) for b in blocks]
-            bounds += [g.first for g in gaps] + [g.last for g in gaps]
+            record_bounds = [int(b.seq[0]) for b in blocks] + [int(b.seq[-1]) for b in blocks]
+            taken = {b.envelope for b in self._inflight.values()}
+            envelope = _envelope(record_bounds + [g.first for g in gaps] + [g.last for g in gaps])
+            if envelope in taken and record_bounds:
+                # Open gaps stretch every envelope (e.g. one below and one above all records): this
+                # batch leaves them to the batch already carrying them.
+                gaps, envelope = [], _envelope(record_bounds)
+            if envelope in taken:
+                # Only when declared gaps overlap records (drop-oldest of interleaved blocks): wait
+                # for the other batch's ack or timeout rather than make a quarantine ambiguous.
+                self.stats.envelope_collisions += 1
+                self._requeue_chunks([int(r[0]) for r in rows])
+                log.debug("batch envelope %s is in flight already; holding %d chunks back", envelope, len(rows))
+                return None
             self._batch_no += 1
             return PendingBatch(
                 number=self._batch_no,
                 chunk_ids=[int(r[0]) for r in rows],
                 blocks=blocks,
                 gaps=gaps,
-                seq_first=min(bounds),
-                seq_last=max(bounds),
+                seq_first=envelope[0],
+                seq_last=envelope[1],
             )
 
     def _take_chunks(self, max_records: int) -> list[tuple[Any, ...]]:
-        select = "SELECT id, role, model, version, hidden, data, n FROM chunks WHERE "
+        select = "SELECT id, role, model, version, hidden, data, n, nbytes FROM chunks WHERE "
         rows: list[tuple[Any, ...]] = []
         keys: set[tuple[str, str, str, int]] = set()
         total = 0
+        total_bytes = 0
 
         def fits(row: tuple[Any, ...]) -> bool:
             key = (row[1], row[2], row[3], int(row[4]))
-            n = int(row[6])
-            if rows and (total + n > max_records or (key not in keys and len(keys) >= self.max_blocks_per_batch)):
+            n, nbytes = int(row[6]), int(row[7])
+            if rows and (
+                total + n > max_records
+                or total_bytes + nbytes > BATCH_MAX_BYTES
+                or (key not in keys and len(keys) >= self.max_blocks_per_batch)
+            ):
                 return False
             keys.add(key)
             return True
@@ -604,6 +788,7 @@ class Spool:
             self._resend.pop(0)
             rows.append(row)
             total += int(row[6])
+            total_bytes += int(row[7])
         if rows:
             return [r[:6] for r in rows]
         for row in self._db.execute(select + "id > ? ORDER BY id LIMIT 256", (self._send_cursor,)):
@@ -611,6 +796,7 @@ class Spool:
                 break
             rows.append(row)
             total += int(row[6])
+            total_bytes += int(row[7])
         if rows:
             self._send_cursor = max(self._send_cursor, max(int(r[0]) for r in rows))
             for r in rows:
@@ -618,12 +804,22 @@ class Spool:
         return [r[:6] for r in rows]
 
     def mark_sent(self, batch: PendingBatch, now: float | None = None) -> None:
-        """Record that ``batch`` was published and now waits for its ack."""
+        """Record that ``batch`` is being published and waits for its ack (call before publishing)."""
         with self._lock:
-            self._inflight[batch.number] = _Inflight(
-                set(batch.chunk_ids), {g.first for g in batch.gaps}, time.monotonic() if now is None else now
+            gaps = {g.first for g in batch.gaps}
+            attempt = max(
+                [self._attempts.get(c, 0) for c in batch.chunk_ids] + [self._gap_attempts.get(g, 0) for g in gaps],
+                default=0,
             )
-            self._gap_sent.update(g.first for g in batch.gaps)
+            self._inflight[batch.number] = _Inflight(
+                set(batch.chunk_ids),
+                gaps,
+                time.monotonic() if now is None else now,
+                (batch.seq_first, batch.seq_last),
+                attempt,
+                bool(batch.chunk_ids),
+            )
+            self._gap_sent.update(gaps)
 
     def unsend(self, batch: PendingBatch) -> None:
         """Put a batch that could not be published back in line (before anything newer)."""
@@ -642,69 +838,208 @@ class Spool:
         """Batches published and not yet acknowledged."""
         return len(self._inflight)
 
-    def requeue_unacked(self, older_than: float, now: float | None = None) -> int:
-        """Queue again every batch sent more than ``older_than`` seconds ago; return how many."""
+    def requeue_unacked(
+        self, older_than: float, now: float | None = None, *, max_backoff_s: float = MAX_BACKOFF_S
+    ) -> int:
+        """Queue again every batch not acknowledged in time; return how many.
+
+        A batch's time is ``older_than * 2^k`` (at most ``max_backoff_s``), where ``k`` counts the
+        ack timeouts its chunks have had in a row: a collector that is down is not flooded. Any
+        ack that releases something resets ``k``.
+        """
         now = time.monotonic() if now is None else now
         with self._lock:
-            stale = [no for no, b in self._inflight.items() if now - b.sent_mono >= older_than]
+            stale = [
+                no
+                for no, b in self._inflight.items()
+                if now - b.sent_mono >= _backoff(older_than, b.attempt, max_backoff_s)
+            ]
             for no in stale:
                 batch = self._inflight.pop(no)
                 self._requeue_chunks(batch.chunk_ids)
                 self._gap_sent.difference_update(batch.gaps)
+                if older_than > float("-inf"):
+                    for cid in batch.chunk_ids:
+                        self._attempts[cid] = batch.attempt + 1
+                    for first in batch.gaps:
+                        self._gap_attempts[first] = batch.attempt + 1
             self.stats.requeued_batches += len(stale)
             return len(stale)
 
     def requeue_all(self) -> int:
-        """Queue again everything in flight (after a reconnect)."""
+        """Queue again everything in flight at once (after a reconnect), without backing off."""
         return self.requeue_unacked(older_than=float("-inf"))
 
     def release(self, ack: Ack) -> int:
-        """Delete the chunks the ack's ranges fully cover and the gaps it lists; return records released."""
+        """Apply an ``Ack``; return records released.
+
+        A normal ack lists seqs the collector settled: a chunk is deleted once the ranges of all
+        acks received for it cover every one of its seqs. A quarantined ack is handled by
+        :meth:`release_quarantined`.
+        """
         if ack.spool_epoch != self.epoch:
             self.stats.foreign_acks += 1
             log.warning("ack for spool epoch %s ignored (this spool is %s)", ack.spool_epoch, self.epoch)
             return 0
+        if ack.quarantined:
+            return self.release_quarantined(ack) or 0
         ranges = merge_ranges(list(ack.ranges))
-        released = 0
-        deleted: set[int] = set()
-        with self._tx():
-            for a, b in ranges:
-                rows = self._db.execute(
-                    "SELECT id, first_seq, last_seq, n, nbytes, role, model, version, hidden, data FROM chunks"
-                    " WHERE last_seq >= ? AND first_seq <= ?",
-                    (a, b),
-                ).fetchall()
-                for cid, first, last, n, nbytes, role, model, version, hidden, data in rows:
-                    if not (a <= first and last <= b):
-                        # A chunk interleaved with another block may be covered by several ranges: check its seqs.
-                        seq = _unpack_block(data, role, model, version, hidden).seq.astype(np.int64)
-                        if not _covered(seq, ranges):
-                            continue
-                    self._db.execute("DELETE FROM chunks WHERE id = ?", (cid,))
-                    deleted.add(int(cid))
-                    released += int(n)
-                    self._bytes -= int(nbytes)
-                    self._depth -= int(n)
+        with self._lock:
+            released = 0
+            deleted: set[int] = set()
+            partial: dict[int, list[tuple[int, int]]] = {}
             gone_gaps: set[int] = set()
-            for a, b in merge_ranges(list(ack.gaps)):
-                for (first,) in self._db.execute(
-                    "SELECT first FROM gaps WHERE first >= ? AND last <= ?", (a, b)
-                ).fetchall():
-                    gone_gaps.add(int(first))
-                self._db.execute("DELETE FROM gaps WHERE first >= ? AND last <= ?", (a, b))
-        for cid in deleted:
-            self._created_mono.pop(cid, None)
+            with self._tx():
+                touched: dict[int, tuple[int, ...]] = {}
+                for a, b in ranges:
+                    for row in self._db.execute(
+                        "SELECT id, first_seq, last_seq, n, nbytes FROM chunks WHERE last_seq >= ? AND first_seq <= ?",
+                        (a, b),
+                    ):
+                        touched[int(row[0])] = tuple(int(x) for x in row)
+                for cid, (_id, first, last, n, nbytes) in sorted(touched.items()):
+                    clipped = [(max(a, first), min(b, last)) for a, b in ranges if a <= last and b >= first]
+                    acked = merge_ranges(self._acked.get(cid, []) + clipped)
+                    if not (acked == [(first, last)] or (n < last - first + 1 and self._chunk_covered(cid, acked))):
+                        partial[cid] = acked
+                        continue
+                    self._db.execute("DELETE FROM chunks WHERE id = ?", (cid,))
+                    deleted.add(cid)
+                    released += n
+                    self._bytes -= nbytes
+                    self._depth -= n
+                for a, b in merge_ranges(list(ack.gaps)):
+                    for (first,) in self._db.execute(
+                        "SELECT first FROM gaps WHERE first >= ? AND last <= ?", (a, b)
+                    ).fetchall():
+                        gone_gaps.add(int(first))
+                    self._db.execute("DELETE FROM gaps WHERE first >= ? AND last <= ?", (a, b))
+            self._acked.update(partial)
+            self._settled(deleted, gone_gaps)
+            self.stats.released += released
+            self.stats.acks += 1
+            self.stats.last_ack_at = time.time()
+            return released
+
+    def _chunk_covered(self, cid: int, ranges: list[tuple[int, int]]) -> bool:
+        # A chunk interleaved with another block has holes: check its actual seqs.
+        row = self._db.execute("SELECT role, model, version, hidden, data FROM chunks WHERE id = ?", (cid,)).fetchone()
+        role, model, version, hidden, data = row
+        seq = _unpack_block(data, role, model, version, hidden).seq.astype(np.int64)
+        return _covered(seq, ranges)
+
+    def release_quarantined(self, ack: Ack) -> int | None:
+        """Release the in-flight batch a quarantined ``Ack`` names by its envelope; None if none matches.
+
+        Never deletes by range: the envelope spans open gaps, so it may cover chunks of other
+        batches. The batch's gaps stay (they travel in the next batch) unless it held only gaps.
+        """
+        if ack.spool_epoch != self.epoch:
+            self.stats.foreign_acks += 1
+            return None
+        with self._lock:
+            matches = [no for no, b in self._inflight.items() if len(ack.ranges) == 1 and b.envelope == ack.ranges[0]]
+            if len(matches) != 1:
+                self.stats.quarantine_unmatched += 1
+                log.warning(
+                    "quarantined ack %s (%s) names no batch in flight: nothing released", ack.ranges, ack.reason
+                )
+                return None
+            batch = self._inflight[matches[0]]
+            chunk_ids = sorted(batch.chunk_ids)
+            gaps = set() if batch.has_records else set(batch.gaps)
+            released = 0
+            deleted: set[int] = set()
+            with self._tx():
+                for cid in chunk_ids:
+                    row = self._db.execute("SELECT n, nbytes FROM chunks WHERE id = ?", (cid,)).fetchone()
+                    if row is None:
+                        continue
+                    self._db.execute("DELETE FROM chunks WHERE id = ?", (cid,))
+                    deleted.add(cid)
+                    released += int(row[0])
+                    self._bytes -= int(row[1])
+                    self._depth -= int(row[0])
+                for first in gaps:
+                    self._db.execute("DELETE FROM gaps WHERE first = ?", (first,))
+            del self._inflight[matches[0]]
+            self._settled(deleted, gaps)
+            self.stats.released += released
+            self.stats.quarantine_released += released
+            self.stats.acks += 1
+            self.stats.last_ack_at = time.time()
+            return released
+
+    def _settled(self, deleted: set[int], gone_gaps: set[int]) -> None:
+        """Forget what an ack released (under the lock, after COMMIT); progress resets the backoff."""
+        self._forget_chunks(deleted)
         self._gap_sent.difference_update(gone_gaps)
+        for first in gone_gaps:
+            self._gap_attempts.pop(first, None)
         for no in list(self._inflight):
             batch = self._inflight[no]
-            batch.chunk_ids.difference_update(deleted)
             batch.gaps.difference_update(gone_gaps)
             if not batch.chunk_ids and not batch.gaps:
                 del self._inflight[no]
-        self.stats.released += released
-        self.stats.acks += 1
-        self.stats.last_ack_at = time.time()
-        return released
+        if deleted or gone_gaps:
+            self._attempts.clear()
+            self._gap_attempts.clear()
+            for batch in self._inflight.values():
+                batch.attempt = 0
+
+    def split_chunk(self, chunk_id: int) -> int:
+        """Rewrite a chunk too big to publish as two halves; return the records still stored.
+
+        A chunk of one record cannot be split: it is deleted and declared as an ``oversized`` gap
+        (and a ``spool_oversized`` event), so it is not lost silently.
+        """
+        with self._lock:
+            row = self._db.execute(
+                "SELECT first_seq, last_seq, n, nbytes, role, model, version, hidden, data, created FROM chunks"
+                " WHERE id = ?",
+                (chunk_id,),
+            ).fetchone()
+            if row is None:
+                return 0
+            first, last, n, nbytes, role, model, version, hidden, data, created = row
+            key = (str(role), str(model), str(version), int(hidden))
+            try:
+                with self._tx():
+                    if n > 1:
+                        block = _unpack_block(data, *key)
+                        mid = n // 2
+                        head, tail = slice_block(block, 0, mid), slice_block(block, mid, n)
+                        head_data = _pack_block(head)
+                        self._db.execute(
+                            "UPDATE chunks SET last_seq = ?, n = ?, nbytes = ?, data = ? WHERE id = ?",
+                            (int(head.seq[-1]), len(head), len(head_data), head_data, chunk_id),
+                        )
+                        self._bytes += len(head_data) - int(nbytes)
+                        self._depth -= len(tail)
+                        self._insert_chunk(tail, key, _pack_block(tail), float(created))
+                    else:
+                        self._db.execute("DELETE FROM chunks WHERE id = ?", (chunk_id,))
+                        self._bytes -= int(nbytes)
+                        self._depth -= int(n)
+                        self._add_gap(int(first), int(last), GAP_OVERSIZED)
+                        self._queue_event(
+                            EVENT_SPOOL_OVERSIZED,
+                            f"record seq {first} is {nbytes} bytes: too big for any batch, dropped",
+                            {"first": int(first), "last": int(last), "records": int(n), "reason": GAP_OVERSIZED},
+                        )
+                        self._count("oversized_records", int(n))
+            except BaseException:
+                self._recount()
+                raise
+            if n > 1:
+                self._acked.pop(chunk_id, None)
+                self.stats.chunks_split += 1
+                log.warning("chunk %d (%d records, %d bytes) too big to publish: split in two", chunk_id, n, nbytes)
+                return int(n)
+            self._forget_chunks({chunk_id})
+            self.stats.oversized_dropped += int(n)
+            log.error("record seq %d (%d bytes) too big for any batch: dropped and declared", first, nbytes)
+            return 0
 
     # ------------------------------------------------------------------------------ events
 
@@ -741,13 +1076,12 @@ class Spool:
         return [Gap(int(a), int(b), str(r)) for a, b, r in rows]
 
     def counters(self) -> dict[str, int]:
-        """Persisted loss counters: crash gaps and seqs, dropped chunks and records."""
+        """Persisted loss counters: crash gaps and seqs, dropped chunks and records, oversized and error records."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT key, value FROM meta WHERE key IN ('crash_gaps', 'crash_seqs', 'dropped_chunks',"
-                " 'dropped_records')"
+                f"SELECT key, value FROM meta WHERE key IN ({', '.join('?' * len(LOSS_COUNTERS))})", LOSS_COUNTERS
             ).fetchall()
-        out = {"crash_gaps": 0, "crash_seqs": 0, "dropped_chunks": 0, "dropped_records": 0}
+        out = dict.fromkeys(LOSS_COUNTERS, 0)
         out.update({str(k): int(v) for k, v in rows})
         return out
 
@@ -760,6 +1094,15 @@ class Spool:
                 "SELECT (SELECT COUNT(*) FROM gaps) + (SELECT COUNT(*) FROM events) + (SELECT COUNT(*) FROM chunks)"
             ).fetchone()
             return int(row[0]) == 0
+
+
+def _envelope(bounds: list[int]) -> tuple[int, int]:
+    return (min(bounds), max(bounds))
+
+
+def _backoff(base: float, attempt: int, cap: float) -> float:
+    """``base * 2^attempt``, at most ``cap`` (never below ``base``)."""
+    return min(base * 2.0 ** min(attempt, 32), max(base, cap))
 
 
 def _covered(seq: np.ndarray, ranges: list[tuple[int, int]]) -> bool:
@@ -798,5 +1141,5 @@ def inspect(path: Path | str) -> dict[str, Any]:
         "gaps": gaps,
         "events_pending": events,
         "cursor": json.loads(meta["cursor"]) if "cursor" in meta else None,
-        "counters": {k: int(meta.get(k, 0)) for k in ("crash_gaps", "crash_seqs", "dropped_chunks", "dropped_records")},
+        "counters": {k: int(meta.get(k, 0)) for k in LOSS_COUNTERS},
     }
