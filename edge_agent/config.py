@@ -27,6 +27,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from shared.codec import DEFAULT_LIMITS
+from shared.profile import HardwareProfile, ProfileError, find_profile
 from shared.topics import valid_device_id
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -34,6 +35,7 @@ DEFAULT_BUNDLE = PACKAGE_DIR / "bundles" / "cabin-v1.tar"
 DEFAULT_KEY = PACKAGE_DIR / "keys" / "dev-release.pub"
 ENV_PREFIX = "EDGE_AGENT_"
 PASSWORD_CREDENTIAL = "mqtt-password"
+PROFILE_DIRS = (Path("/etc/edge-agent/profiles"), PACKAGE_DIR.parent / "firmware_configs")
 
 
 class ConfigError(ValueError):
@@ -55,6 +57,10 @@ class DeviceSection(_Section):
 
     id: str = Field(default_factory=_default_device_id, description="device id, one MQTT topic level")
     profile: str = Field("sim-v1", description="hardware profile name (firmware_configs/<name>.yaml)")
+    profile_dirs: list[Path] = Field(
+        default_factory=list,
+        description="folders searched for <profile>.yaml before /etc/edge-agent/profiles and firmware_configs/",
+    )
     tags: list[str] = Field(default_factory=list, description="free-form tags reported in status")
 
     @field_validator("id")
@@ -130,7 +136,9 @@ class ModelSection(_Section):
 class SensorsSection(_Section):
     """Where observations come from."""
 
-    backend: Literal["simulated", "replay"] = Field("simulated", description="sensor backend")
+    backend: Literal["simulated", "replay", "hardware"] = Field(
+        "simulated", description="sensor backend (hardware: the profile's BME680, PMS5003 and microphone)"
+    )
     scenario: Path | None = Field(None, description="simulated: scenario YAML (default: the built-in scenario)")
     seed: int = Field(0, description="simulated: random seed")
     rate_hz: float = Field(10.0, gt=0, le=1000, description="inferences per second")
@@ -191,6 +199,9 @@ class AgentConfig(_Section):
     activations: ActivationsSection = Field(default_factory=ActivationsSection, description="activation capture")
     labels: LabelsSection = Field(default_factory=LabelsSection, description="late labels")
     state_dir: Path = Field(Path("/var/lib/edge-agent"), description="folder for the spool and the status file")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] | None = Field(
+        None, description="log level; overrides --log-level and follows a reload (SIGHUP)"
+    )
 
     @property
     def spool_path(self) -> Path:
@@ -216,6 +227,7 @@ class AgentConfig(_Section):
 # ----------------------------------------------------------------------------------- loading
 
 _PATH_FIELDS = {
+    ("device", "profile_dirs"),
     ("model", "bundle"),
     ("model", "trusted_keys"),
     ("sensors", "scenario"),
@@ -335,3 +347,23 @@ def load_config(path: Path | str | None = None, *, environ: dict[str, str] | Non
         if password is not None:
             mqtt["password"] = password
     return config_from_dict(doc, source=source)
+
+
+def profile_search_path(config: AgentConfig) -> list[Path]:
+    """Folders searched for the device profile: ``device.profile_dirs``, /etc/edge-agent/profiles, firmware_configs/."""
+    return [*config.device.profile_dirs, *PROFILE_DIRS]
+
+
+def load_device_profile(config: AgentConfig) -> HardwareProfile:
+    """The hardware profile ``device.profile`` names, checked against the configuration (raises ConfigError)."""
+    try:
+        profile = find_profile(config.device.profile, profile_search_path(config))
+    except ProfileError as exc:
+        raise ConfigError(f"device.profile: {exc}") from None
+    if config.sensors.backend == "hardware" and profile.audio.sample_rate != config.sensors.sample_rate:
+        # The model's audio features depend on the rate; the microphone must deliver what they expect.
+        raise ConfigError(
+            f"device.profile {profile.name!r}: audio.sample_rate {profile.audio.sample_rate} differs from "
+            f"sensors.sample_rate {config.sensors.sample_rate}"
+        )
+    return profile

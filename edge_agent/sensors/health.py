@@ -109,6 +109,18 @@ class Backoff:
         self._next = self.initial
 
 
+def apply_ranges(values: Mapping[str, float], ranges: Mapping[str, ValueRange]) -> tuple[dict[str, float], list[str]]:
+    """``values`` with those outside their (inclusive) profile range set to NaN, and what was rejected."""
+    out = dict(values)
+    rejected = []
+    for name, value in out.items():
+        bounds = ranges.get(name)
+        if bounds is not None and not math.isnan(value) and not bounds.min <= value <= bounds.max:
+            out[name] = math.nan
+            rejected.append(f"{name}={value:g} outside [{bounds.min:g}, {bounds.max:g}]")
+    return out, rejected
+
+
 def _same(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
     # NaN == NaN here: a sensor stuck on "no value" is as stuck as one frozen on a number.
     return len(a) == len(b) and all(x == y or (math.isnan(x) and math.isnan(y)) for x, y in zip(a, b, strict=True))
@@ -178,19 +190,13 @@ class SensorMonitor:
                 for _ in range(max(0, int(n))):
                     self._attempts.append(reason)
             self._attempts.append(None)
-            out = dict(values)
             current = tuple(float(v) for v in values.values())
             if self._last is not None and _same(current, self._last):
                 self._same_run += 1
             else:
                 self._same_run = 1
             self._last = current
-            rejected = []
-            for name, value in out.items():
-                bounds = self.ranges.get(name)
-                if bounds is not None and not math.isnan(value) and not bounds.min <= value <= bounds.max:
-                    out[name] = math.nan
-                    rejected.append(f"{name}={value:g} outside [{bounds.min:g}, {bounds.max:g}]")
+            out, rejected = apply_ranges(values, self.ranges)
             soft = self._soft_reason()
             if self._same_run >= p.stuck_after:
                 out = dict.fromkeys(out, math.nan)
