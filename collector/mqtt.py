@@ -88,7 +88,8 @@ class _QuietStop(logging.Filter):
         self._owner = owner
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (self._owner._paused and str(record.msg).startswith("Client is not connected"))
+        quiet = self._owner._paused or self._owner._restarting
+        return not (quiet and str(record.msg).startswith("Client is not connected"))
 
 
 def _topic_text(msg: paho.MQTTMessage) -> str:
@@ -122,6 +123,8 @@ class CollectorMqtt:
         self._paused = False
         self._subscribed = threading.Event()
         self._started = False
+        self._restarting = False
+        self._state_lock = threading.Lock()  # start, stop and reconnect one at a time
         self._client = self._make_client()
 
     # ------------------------------------------------------------------------------- set-up
@@ -165,9 +168,21 @@ class CollectorMqtt:
 
     def start(self) -> None:
         """Connect in the background (retrying until the broker answers) and start the network thread."""
-        if self._started:
-            return
-        self._paused = False
+        with self._state_lock:
+            if self._started:
+                return
+            self._paused = False
+            self._open()
+            a = self._address
+            log.info(
+                "MQTT client %r connecting to %s:%d (MQTT %s, persistent session, manual acks)",
+                self.settings.mqtt_client_id,
+                a.host,
+                a.port,
+                self.settings.mqtt_protocol,
+            )
+
+    def _open(self) -> None:
         a = self._address
         if self._v5:
             props = Properties(PacketTypes.CONNECT)
@@ -179,13 +194,6 @@ class CollectorMqtt:
             self._client.connect_async(a.host, a.port, keepalive=self.settings.mqtt_keepalive_s)
         self._client.loop_start()
         self._started = True
-        log.info(
-            "MQTT client %r connecting to %s:%d (MQTT %s, persistent session, manual acks)",
-            self.settings.mqtt_client_id,
-            a.host,
-            a.port,
-            self.settings.mqtt_protocol,
-        )
 
     def pause(self) -> None:
         """Stop taking messages: from now on they stay unacknowledged, for the next session to receive."""
@@ -194,8 +202,28 @@ class CollectorMqtt:
     def stop(self, timeout: float = 5.0) -> None:
         """Disconnect (after the acks queued so far are sent) and stop the network thread."""
         self._paused = True
-        if not self._started:
-            return
+        with self._state_lock:
+            if self._started:
+                self._close(timeout)
+
+    def reconnect(self, timeout: float = 5.0) -> None:
+        """Restart the session: disconnect, then connect again, so the broker redelivers every unacknowledged message.
+
+        A message taken and never acknowledged holds one of the broker's in-flight slots until the
+        session restarts; enough of them would stall the stream. Does nothing once paused or stopped.
+        """
+        with self._state_lock:
+            if not self._started or self._paused:
+                return
+            log.warning("MQTT session restarting so the broker redelivers the messages not acknowledged")
+            self._restarting = True
+            try:
+                self._close(timeout)
+                self._open()
+            finally:
+                self._restarting = False
+
+    def _close(self, timeout: float) -> None:
         self._client.disconnect()
         deadline = time.monotonic() + timeout
         while self._connected.is_set() and time.monotonic() < deadline:
@@ -252,7 +280,7 @@ class CollectorMqtt:
         self._connected.clear()
         self._subscribed.clear()
         metrics.MQTT_CONNECTED.set(0)
-        if self._paused:
+        if self._paused or self._restarting:
             log.info("MQTT disconnected")
         else:
             log.warning("MQTT connection lost (%s); reconnecting", reason_code)
