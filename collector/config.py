@@ -101,11 +101,20 @@ class Settings(BaseSettings):
         le=10_000,
         description="Longest wait for more messages after the first of a group before it is committed.",
     )
+    ingest_max_queued_bytes: int = Field(
+        64 * 1024 * 1024,
+        ge=8 * 1024 * 1024,
+        le=4 * 1024 * 1024 * 1024,
+        description="Most payload bytes received and waiting for the decoder. QoS 0 messages beyond it are "
+        "dropped and counted (QoS 0 telemetry always is: it cannot be acknowledged). QoS 1 messages are "
+        "bounded by the broker's max_inflight_messages instead, and only logged when over it.",
+    )
     quarantine_max_payload_bytes: int = Field(
         65_536,
         ge=0,
         le=4 * 1024 * 1024,
-        description="Bytes of an invalid payload kept in the quarantine table (its size and sha256 are always kept).",
+        description="Bytes of an invalid payload kept in the quarantine table (its size and sha256 are always kept). "
+        "A valid payload the database refused (store_failed) is kept whole.",
     )
     auto_migrate: bool = Field(True, description="Upgrade the database schema to the newest migration at start.")
     http_host: str = Field("127.0.0.1", description="Address the HTTP API and dashboard listen on.")

@@ -32,5 +32,15 @@ INGEST_GROUP_MESSAGES = Histogram(
     "MQTT messages per ingest transaction.",
     buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000),
 )
+INGEST_DROPPED = Counter(
+    "fleet_ingest_dropped_total",
+    "MQTT messages dropped before ingest, by reason (qos0: QoS 0 telemetry, which cannot be acknowledged; "
+    "queue_full: a QoS 0 message while the ingest queue was full).",
+    ["reason"],
+)
+INGEST_FORCED_RECONNECTS = Counter(
+    "fleet_ingest_forced_reconnects_total",
+    "Broker sessions restarted after an unexpected ingest failure, so the broker redelivers what was not acknowledged.",
+)
 INGEST_QUEUE_DEPTH = Gauge("fleet_ingest_queue_depth", "Messages received and not yet committed.")
 MQTT_CONNECTED = Gauge("fleet_mqtt_connected", "1 while the collector's MQTT client is connected.")
