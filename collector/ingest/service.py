@@ -12,7 +12,14 @@ Failures: a database that is unreachable or locked makes the writer back off and
 group, without acknowledging anything (if the process dies meanwhile, the broker redelivers the
 session's unacknowledged messages). A group that fails for a reason that retrying cannot fix is
 written message by message, and a message that still fails alone is quarantined as
-``store_failed``: no payload can stop the writer.
+``store_failed``: no payload can stop the writer. Such a message was valid, so its device gets
+no Ack: it keeps the batch and re-sends it until the database takes it. A group that fails in a
+way nothing here expects restarts the broker session, so that the broker redelivers what was not
+acknowledged instead of holding it in flight.
+
+Acks (see docs/PROTOCOL.md): a decoded batch gets one Ack naming every seq it settled (new,
+duplicate or conflicting), split if its JSON would pass the device's 64 KiB limit; a payload
+rejected whole gets a quarantined Ack naming its envelope range, when the envelope can be read.
 """
 
 from __future__ import annotations
@@ -56,8 +63,11 @@ _MAX_TOPIC = 1024
 _MAX_JSON_DEPTH = 32
 _BACKOFF_MIN_S = 0.1
 _BACKOFF_MAX_S = 5.0
+_DROP_LOG_EVERY_S = 10.0
 # Decoded columns held by one group at most: a group of maximal batches must not exhaust memory.
 MAX_GROUP_BYTES = 256 * 1024 * 1024
+# What a peek reads of a payload over the codec's limits: the envelope's epoch and seq come first.
+PEEK_BYTES = 256 * 1024
 
 DEVICE_TABLE: Table = Device.__table__  # type: ignore[attr-defined]
 GAP_TABLE: Table = DeclaredGap.__table__  # type: ignore[attr-defined]
@@ -160,28 +170,71 @@ def _check_batch_strings(batch: Batch) -> None:
         raise Invalid("bad_envelope", "a string field holds a NUL character")
 
 
+class _BoundedStream:
+    """At most ``budget`` decompressed bytes of a zstd frame; a corrupt or truncated frame reads as its end."""
+
+    def __init__(self, frame: memoryview, budget: int) -> None:
+        self._reader = zstandard.ZstdDecompressor().stream_reader(frame, read_across_frames=False)
+        self._left = budget
+
+    def read(self, n: int = -1) -> bytes:
+        """Up to ``n`` bytes (never past the budget); ``b""`` at the end."""
+        n = self._left if n < 0 else min(n, self._left)
+        if n <= 0:
+            return b""
+        try:
+            data: bytes = self._reader.read(n)
+        except zstandard.ZstdError:
+            data, self._left = b"", 0
+        self._left -= len(data)
+        return data
+
+
 def peek_envelope(payload: bytes) -> tuple[str, tuple[int, int]] | None:
     """The spool epoch and seq range of a payload that failed validation, when its envelope still says them.
 
     Lets the collector tell the device which batch was quarantined, so the device releases it
-    instead of re-sending it forever. Same size limits as the decoder.
+    instead of re-sending it forever. The envelope is read as a stream, key by key, and the
+    reading stops once ``epoch`` and ``seq`` are known: a payload over the codec's limits
+    (``payload_too_large``, ``decompressed_too_large``) is peeked at through its first
+    ``PEEK_BYTES`` only (compressed and decompressed), one within them under the decoder's limits.
     """
     limits = DEFAULT_LIMITS
+    if payload[: len(MAGIC)] != MAGIC or len(payload) <= len(MAGIC) + 1:
+        return None
+    frame = memoryview(payload)[len(MAGIC) + 1 :]
     try:
-        if len(payload) > limits.max_payload_bytes or payload[: len(MAGIC)] != MAGIC:
-            return None
-        frame = payload[len(MAGIC) + 1 :]
-        if zstandard.frame_content_size(frame) > limits.max_decompressed_bytes:
-            return None
-        body = zstandard.ZstdDecompressor().stream_reader(frame).read(limits.max_decompressed_bytes + 1)
-        if len(body) > limits.max_decompressed_bytes:
-            return None
-        doc = msgpack.unpackb(body, raw=False, max_array_len=65536, max_map_len=64, max_ext_len=0)
-    except Exception:
+        declared = zstandard.frame_content_size(frame)
+    except zstandard.ZstdError:
         return None
-    if not isinstance(doc, dict):
+    budget = limits.max_decompressed_bytes
+    if len(payload) > limits.max_payload_bytes or declared > limits.max_decompressed_bytes:
+        budget, frame = PEEK_BYTES, frame[:PEEK_BYTES]
+    unpacker = msgpack.Unpacker(
+        _BoundedStream(frame, budget),
+        read_size=min(64 * 1024, budget),
+        max_buffer_size=budget,
+        raw=False,
+        strict_map_key=True,
+        max_str_len=limits.max_string * 16,
+        max_bin_len=budget,
+        max_array_len=max(limits.max_gaps, 64),
+        max_map_len=64,
+        max_ext_len=0,
+    )
+    found: dict[str, Any] = {}
+    try:
+        for _ in range(unpacker.read_map_header()):
+            key = unpacker.unpack()
+            if key in ("epoch", "seq"):
+                found[key] = unpacker.unpack()
+                if len(found) == 2:
+                    break
+            else:
+                unpacker.skip()
+    except Exception:  # not a map, too deep, too big, cut short: no envelope to name a batch by
         return None
-    epoch, seq = doc.get("epoch"), doc.get("seq")
+    epoch, seq = found.get("epoch"), found.get("seq")
     if not isinstance(epoch, str) or not 0 < len(epoch) <= limits.max_string or "\x00" in epoch:
         return None
     if not (isinstance(seq, list) and len(seq) == 2 and all(type(x) is int for x in seq)):
@@ -189,6 +242,33 @@ def peek_envelope(payload: bytes) -> tuple[str, tuple[int, int]] | None:
     if not 0 <= seq[0] <= seq[1] < 2**63:
         return None
     return epoch, (seq[0], seq[1])
+
+
+def split_ack(ack: messages.Ack, limit: int = messages.MAX_MESSAGE_BYTES) -> list[messages.Ack]:
+    """``ack`` as consecutive Acks whose JSON each fits in ``limit`` bytes (the device refuses larger ones).
+
+    The ranges (then the gaps) are spread over them in order; together they say exactly what
+    ``ack`` says. A batch with scattered seqs can need thousands of ranges.
+    """
+    if len(ack.model_dump_json()) <= limit:
+        return [ack]
+    base = len(ack.model_copy(update={"ranges": [], "gaps": []}).model_dump_json())
+    parts: list[messages.Ack] = []
+    ranges: list[tuple[int, int]] = []
+    gaps: list[tuple[int, int]] = []
+    size = base
+    items = [(ranges, r) for r in ack.ranges] + [(gaps, g) for g in ack.gaps]
+    for target, (a, b) in items:
+        cost = len(f"[{a},{b}],")
+        if size + cost > limit and (ranges or gaps):
+            parts.append(ack.model_copy(update={"ranges": list(ranges), "gaps": list(gaps)}))
+            ranges.clear()
+            gaps.clear()
+            size = base
+        target.append((a, b))
+        size += cost
+    parts.append(ack.model_copy(update={"ranges": list(ranges), "gaps": list(gaps)}))
+    return parts
 
 
 # ------------------------------------------------------------------------------- one message
@@ -210,8 +290,10 @@ class Prepared:
     reason: str | None = None  # set when quarantined
     detail: str = ""
     peeked: tuple[str, tuple[int, int]] | None = None
+    refused: bool = False  # valid, but the database would not store it (``store_failed``): the device re-sends
     outcomes: list[WriteOutcome] = field(default_factory=list)
     new_lost: int = 0  # records of gaps this batch declared for the first time
+    settled: bool = False  # committed and accounted for
 
     @property
     def n_records(self) -> int:
@@ -288,6 +370,11 @@ def _prepare_telemetry(item: Prepared) -> None:
 # ------------------------------------------------------------------------------- the service
 
 
+def _queued_size(msg: InboundMessage) -> int:
+    """Memory a queued message is counted for: its payload and topic plus a fixed overhead."""
+    return len(msg.payload) + len(msg.topic) + 256
+
+
 class _Transient(Exception):
     """A failure retrying can fix (database unreachable, locked, restarting)."""
 
@@ -314,6 +401,8 @@ class _Stats:
     commit_failures: int = 0
     acks_published: int = 0
     mqtt_acks_skipped: int = 0
+    dropped: Counter[str] = field(default_factory=Counter)
+    forced_reconnects: int = 0
     last_commit_at: float | None = None
     last_error: str | None = None
 
@@ -325,7 +414,7 @@ class Ingest:
         self.settings = settings
         self._own_engine = engine is None
         self.engine = engine if engine is not None else make_engine(settings.database)
-        self._queue: queue.SimpleQueue[InboundMessage] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[InboundMessage] = queue.SimpleQueue()  # bounded in _enqueue
         self.mqtt = CollectorMqtt(settings, self._enqueue)
         self._stop = threading.Event()
         self._abort = threading.Event()
@@ -335,12 +424,71 @@ class Ingest:
         self._lock = threading.Lock()
         self._stats = _Stats()
         self._pending = 0  # messages received and not yet acknowledged or given up
+        self._queued_bytes = 0  # payload bytes waiting in ``_queue``
+        self._last_drop_log = 0.0
+        self._drops_unlogged: Counter[str] = Counter()
 
     def _enqueue(self, msg: InboundMessage) -> None:
+        """Called on paho's network thread for every message: queue it for the decoder, or drop a QoS 0 one.
+
+        QoS 1 messages are bounded by the broker's in-flight window (``max_inflight_messages``),
+        so they are always taken (blocking this thread would stop the keepalive too). QoS 0
+        bypasses that window and can never be acknowledged: QoS 0 telemetry is dropped (a device
+        that cannot be told what was stored must use QoS 1), and any other QoS 0 message is
+        dropped while ``ingest_max_queued_bytes`` are waiting.
+        """
+        size = _queued_size(msg)
+        over = False
         with self._lock:
-            self._pending += 1
+            if msg.qos == 0 and msg.topic.endswith("/" + topics.Kind.TELEMETRY.value):
+                drop = "qos0"
+            elif msg.qos == 0 and self._queued_bytes + size > self.settings.ingest_max_queued_bytes:
+                drop = "queue_full"
+            else:
+                drop = None
+                self._pending += 1
+                self._queued_bytes += size
+                over = self._queued_bytes > self.settings.ingest_max_queued_bytes
+        if drop is not None:
+            self._drop(msg, drop)
+            return
+        if over:
+            self._note_drop_or_excess("over_limit", msg)
         metrics.INGEST_QUEUE_DEPTH.inc()
         self._queue.put(msg)
+
+    def _dequeued(self, msg: InboundMessage) -> InboundMessage:
+        with self._lock:
+            self._queued_bytes -= _queued_size(msg)
+        return msg
+
+    def _drop(self, msg: InboundMessage, reason: str) -> None:
+        metrics.INGEST_DROPPED.labels(reason).inc()
+        with self._lock:
+            self._stats.dropped[reason] += 1
+        self._note_drop_or_excess(reason, msg)
+
+    def _note_drop_or_excess(self, reason: str, msg: InboundMessage) -> None:
+        """Log drops (and QoS 1 messages over the queue limit) at most every ``_DROP_LOG_EVERY_S``."""
+        now = time.monotonic()
+        with self._lock:
+            self._drops_unlogged[reason] += 1
+            if now - self._last_drop_log < _DROP_LOG_EVERY_S:
+                return
+            self._last_drop_log = now
+            counts, self._drops_unlogged = dict(self._drops_unlogged), Counter()
+            queued = self._queued_bytes
+        log.warning(
+            "ingest queue: %s since the last report (latest on %s, QoS %d; %d bytes queued, limit %d). "
+            "qos0: QoS 0 telemetry is dropped, it cannot be acknowledged; queue_full: a QoS 0 message "
+            "dropped while the queue is full; over_limit: QoS 1 messages beyond the limit (is the broker's "
+            "max_inflight_messages set?)",
+            ", ".join(f"{k} {v}" for k, v in sorted(counts.items())),
+            clean_text(msg.topic, 200),
+            msg.qos,
+            queued,
+            self.settings.ingest_max_queued_bytes,
+        )
 
     # ------------------------------------------------------------------------- lifecycle
 
@@ -381,6 +529,7 @@ class Ingest:
         with self._lock:
             metrics.INGEST_QUEUE_DEPTH.dec(self._pending)
             self._pending = 0
+            self._queued_bytes = 0
         # Messages still queued were never acknowledged: the broker redelivers them.
         while True:
             try:
@@ -418,6 +567,9 @@ class Ingest:
                 "commit_failures": s.commit_failures,
                 "acks_published": s.acks_published,
                 "mqtt_acks_skipped": s.mqtt_acks_skipped,
+                "dropped": dict(s.dropped),
+                "forced_reconnects": s.forced_reconnects,
+                "queued_bytes": self._queued_bytes,
                 "last_commit_at": s.last_commit_at,
                 "last_error": s.last_error,
             }
@@ -430,7 +582,8 @@ class Ingest:
             try:
                 group = self._collect()
             except Exception:  # prepare() never raises; this guards the loop itself
-                log.exception("ingest decoder failed; its messages stay unacknowledged")
+                log.exception("ingest decoder failed; reconnecting so the broker redelivers its messages")
+                self._give_up([])
                 continue
             if not group:
                 if self._stop.is_set():
@@ -459,13 +612,25 @@ class Ingest:
             try:
                 self._commit(group)
             except Exception:
-                # Nothing of the group was acknowledged: the broker keeps it for the next session.
-                log.exception("ingest group of %d messages failed unexpectedly", len(group))
+                # What of the group was not acknowledged holds a broker in-flight slot each until the
+                # session restarts: reconnect now, so the broker redelivers it and the slots come back.
+                log.exception("ingest group of %d messages failed unexpectedly; reconnecting to the broker", len(group))
+                self._give_up([item for item in group if not item.settled])
+
+    def _give_up(self, items: list[Prepared]) -> None:
+        """Forget ``items`` (taken, not acknowledged) and restart the session so the broker redelivers them."""
+        with self._lock:
+            self._pending -= len(items)
+            self._stats.forced_reconnects += 1
+        metrics.INGEST_QUEUE_DEPTH.dec(len(items))
+        metrics.INGEST_FORCED_RECONNECTS.inc()
+        if not self._stop.is_set():
+            self.mqtt.reconnect()
 
     def _collect(self) -> list[Prepared]:
         """The next group: up to the message or record limit, the delay after its first message, or the memory cap."""
         try:
-            first = self._queue.get(timeout=0.1)
+            first = self._dequeued(self._queue.get(timeout=0.1))
         except queue.Empty:
             return []
         group = [prepare(first)]
@@ -481,13 +646,18 @@ class Ingest:
                 msg = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
             except queue.Empty:
                 break
+            self._dequeued(msg)
             group.append(prepare(msg))
             held += group[-1].nbytes
             records += group[-1].n_records
         return group
 
-    def _commit(self, items: list[Prepared]) -> None:
-        """Write ``items`` in one transaction, retrying while the failure is transient; then acknowledge."""
+    def _commit(self, items: list[Prepared]) -> bool:
+        """Write ``items`` in one transaction, retrying while the failure is transient; then acknowledge.
+
+        Returns False when the service is aborting and ``items`` (or the rest of them) were left
+        unacknowledged for the broker to redeliver.
+        """
         delay = _BACKOFF_MIN_S
         while True:
             started = time.perf_counter()
@@ -499,24 +669,53 @@ class Ingest:
                     log.warning("ingest commit failed (%s); retrying in %.1fs, nothing acknowledged", exc, delay)
                 elif len(items) > 1:
                     log.warning("ingest group failed (%s); writing its %d messages one by one", exc, len(items))
-                    for item in items:
-                        self._commit([item])
-                    return
+                    # Stopping: the first message not committed and every later one are left to the
+                    # broker, so the acknowledgements stay in arrival order.
+                    return all(not self._abort.is_set() and self._commit([item]) for item in items)
+                elif items[0].reason is None:
+                    self._refuse(items[0], exc)
+                    continue
                 elif items[0].reason != "store_failed":
-                    log.error("message on %s cannot be stored (%s); quarantining it", items[0].msg.topic, exc)
-                    items[0].quarantine("store_failed", f"{type(exc).__name__}: {exc}")
+                    item = items[0]
+                    log.error("quarantining a message on %s failed (%s); now store_failed", item.msg.topic, exc)
+                    item.quarantine("store_failed", f"was {item.reason}: {item.detail}; {type(exc).__name__}: {exc}")
                     continue
                 else:
                     # Even the quarantine row failed: that is the database, not the payload. Wait and retry.
                     log.warning("storing a quarantine row failed (%s); retrying in %.1fs", exc, delay)
                 if self._abort.wait(delay):
                     log.warning("ingest stopping with %d messages uncommitted; the broker keeps them", len(items))
-                    return
+                    return False
                 delay = min(delay * 2, _BACKOFF_MAX_S)
                 continue
             metrics.INGEST_COMMIT_SECONDS.observe(time.perf_counter() - started)
             self._after_commit(items, acks)
-            return
+            return True
+
+    def _refuse(self, item: Prepared, exc: BaseException) -> None:
+        """A valid message the database refuses: keep it whole in quarantine and tell the device nothing.
+
+        Without an Ack the device keeps the batch and re-sends it after its ack timeout, so the
+        records land once the database is fixed; the MQTT message itself is acknowledged so the
+        stream goes on.
+        """
+        what = f"{item.kind.value if item.kind else 'unknown'} message"
+        then = ""
+        if item.batch is not None:
+            b = item.batch
+            what = f"telemetry batch (epoch {b.spool_epoch}, seq {b.seq_first}-{b.seq_last}, {b.n_records} records)"
+            then = " NOT acknowledged to the device, which re-sends it until the database takes it."
+        log.error(
+            "DATABASE REFUSED a valid %s from %s: %s: %s. Kept whole in quarantine as store_failed.%s "
+            "Fix the database.",
+            what,
+            item.device_id,
+            type(exc).__name__,
+            exc,
+            then,
+        )
+        item.quarantine("store_failed", f"{type(exc).__name__}: {exc}")
+        item.refused = True
 
     def _count_failure(self, exc: BaseException) -> None:
         metrics.INGEST_COMMIT_FAILURES.inc()
@@ -544,6 +743,7 @@ class Ingest:
         kinds: Counter[str] = Counter()
         reasons: Counter[str] = Counter()
         for item in items:
+            item.settled = True
             kinds[item.kind.value if item.kind else "unknown"] += 1
             if item.reason:
                 reasons[item.reason] += 1
@@ -658,7 +858,13 @@ def write_group(conn: Connection, items: list[Prepared], cap: int) -> list[tuple
     acks: list[tuple[str, messages.Ack]] = []
     for item in items:
         if item.reason is not None:
-            quarantine.append(_quarantine_row(item, item.reason, item.detail, cap))
+            # A refused valid message is kept whole (up to the codec's limit) so an operator can recover it.
+            keep = max(cap, DEFAULT_LIMITS.max_payload_bytes) if item.refused else cap
+            quarantine.append(_quarantine_row(item, item.reason, item.detail, keep))
+            if item.refused:
+                # Valid, but the database refused it: no Ack, so the device keeps the batch and
+                # re-sends it until the database takes it.
+                continue
             if item.kind is topics.Kind.TELEMETRY and item.peeked is not None and item.device_id is not None:
                 epoch, (first, last) = item.peeked
                 acks.append(
@@ -796,29 +1002,16 @@ def _telemetry(
                 item,
             ),
         )
+    # Every record of the batch is settled now (stored new, a duplicate, or a conflict kept in
+    # quarantine), so ONE Ack names them all: a chunk mixing fresh and conflicting seqs is released.
     seqs = np.concatenate([r.seq for r in item.rows]) if item.rows else np.zeros(0, np.int64)
-    stored = np.setdiff1d(seqs, conflicts) if conflicts.size else seqs
-    acks: list[tuple[str, messages.Ack]] = []
-    if stored.size or batch.gaps:
-        ack = messages.Ack(
-            spool_epoch=batch.spool_epoch,
-            ranges=seq_ranges(stored),
-            gaps=[(g.first, g.last) for g in batch.gaps],
-        )
-        acks.append((batch.device_id, ack))
-    if conflicts.size:
-        acks.append(
-            (
-                batch.device_id,
-                messages.Ack(
-                    spool_epoch=batch.spool_epoch,
-                    ranges=seq_ranges(conflicts),
-                    quarantined=True,
-                    reason="seq_conflict",
-                ),
-            )
-        )
-    return acks
+    ack = messages.Ack(
+        spool_epoch=batch.spool_epoch,
+        ranges=seq_ranges(seqs),
+        gaps=[(g.first, g.last) for g in batch.gaps],
+        reason="seq_conflict" if conflicts.size else None,
+    )
+    return [(batch.device_id, part) for part in split_ack(ack)]
 
 
 def _apply_status(status: messages.Status, received_at: float, change: _DeviceChange) -> None:

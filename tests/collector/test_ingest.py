@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import tracemalloc
 from collections.abc import Iterator
 from typing import Any
 
@@ -12,21 +13,33 @@ import numpy as np
 import pytest
 import sqlalchemy as sa
 import zstandard
+from prometheus_client import REGISTRY
 from sqlalchemy.engine import Engine
 
+from collector.config import Settings
 from collector.db import make_engine, upgrade
-from collector.ingest.service import Prepared, parse_json_message, peek_envelope, prepare, seq_ranges, write_group
+from collector.ingest.service import (
+    PEEK_BYTES,
+    Ingest,
+    Prepared,
+    parse_json_message,
+    peek_envelope,
+    prepare,
+    seq_ranges,
+    split_ack,
+    write_group,
+)
 from collector.mqtt import InboundMessage
 from shared import messages
-from shared.codec import MAGIC, Batch, Gap, encode_batch
+from shared.codec import DEFAULT_LIMITS, MAGIC, Batch, Gap, encode_batch
 from tests.shared.test_codec import make_batch, make_block
 
 T0 = 1.76e9 + 100.0
 
 
-def msg(topic: str, payload: bytes | str, at: float = T0) -> InboundMessage:
+def msg(topic: str, payload: bytes | str, at: float = T0, qos: int = 1) -> InboundMessage:
     data = payload.encode() if isinstance(payload, str) else payload
-    return InboundMessage(mid=1, qos=1, topic=topic, payload=data, received_at=at, session=1)
+    return InboundMessage(mid=1, qos=qos, topic=topic, payload=data, received_at=at, session=1)
 
 
 def tele(device: str = "veh-001") -> str:
@@ -200,11 +213,18 @@ def test_one_group_stores_everything_and_returns_the_acks(engine: Engine) -> Non
     by_device: dict[str, list[messages.Ack]] = {}
     for dev, ack in acks:
         by_device.setdefault(dev, []).append(ack)
+    # ONE Ack per batch naming every seq it settled: the conflicting batch's 50..59 (kept in
+    # quarantine) as well as its new 60..69, so a chunk holding both is released.
     assert [a.model_dump() for a in by_device["veh-001"]] == [
         {"spool_epoch": "e" * 16, "ranges": [(10, 59)], "gaps": [(0, 9)], "quarantined": False, "reason": None},
         {"spool_epoch": "e" * 16, "ranges": [(10, 59)], "gaps": [(0, 9)], "quarantined": False, "reason": None},
-        {"spool_epoch": "e" * 16, "ranges": [(60, 69)], "gaps": [(0, 9)], "quarantined": False, "reason": None},
-        {"spool_epoch": "e" * 16, "ranges": [(50, 59)], "gaps": [], "quarantined": True, "reason": "seq_conflict"},
+        {
+            "spool_epoch": "e" * 16,
+            "ranges": [(50, 69)],
+            "gaps": [(0, 9)],
+            "quarantined": False,
+            "reason": "seq_conflict",
+        },
     ]
     assert "veh-002" not in by_device  # junk has no envelope to name a batch by
     assert rows(engine, "SELECT count(*) FROM inference") == [(60,)]
@@ -240,7 +260,148 @@ def test_one_group_stores_everything_and_returns_the_acks(engine: Engine) -> Non
 
     # The whole group again (the broker redelivered it): nothing new, the gap is not counted twice.
     again = run_group(engine, [prepare(m) for m in group])
-    assert [a.ranges for _d, a in again if not a.quarantined] == [[(10, 59)], [(10, 59)], [(60, 69)]]
+    assert [a.ranges for _d, a in again] == [[(10, 59)], [(10, 59)], [(50, 69)]]
     assert rows(engine, "SELECT count(*) FROM inference") == [(60,)]
     assert rows(engine, "SELECT records, declared_lost FROM device WHERE id = 'veh-001'") == [(60, 10)]
     assert rows(engine, "SELECT count(*) FROM declared_gap") == [(1,)]
+
+
+def test_a_valid_message_the_database_refused_is_kept_whole_and_not_acknowledged(engine: Engine) -> None:
+    payload = encode_batch(batch(500, first=10))
+    assert len(payload) > 1024  # larger than run_group's quarantine cap
+    refused = prepare(msg(tele(), payload))
+    refused.quarantine("store_failed", "IntegrityError: no partition of relation inference found for row")
+    refused.refused = True
+    assert run_group(engine, [refused]) == []  # the device keeps the batch and re-sends it
+    assert rows(engine, "SELECT reason, payload_bytes, length(payload) FROM quarantine") == [
+        ("store_failed", len(payload), len(payload))
+    ]
+
+
+# ------------------------------------------------------------------------------- Ack size
+
+
+def test_split_ack_keeps_every_range_and_gap_under_the_message_limit() -> None:
+    small = messages.Ack(spool_epoch="e" * 16, ranges=[(0, 9)], gaps=[(10, 19)])
+    assert split_ack(small) == [small]
+    big = messages.Ack(
+        spool_epoch="e" * 16,
+        ranges=[(10**15 + 3 * i, 10**15 + 3 * i + 1) for i in range(3000)],
+        gaps=[(10**16 + 2 * i, 10**16 + 2 * i) for i in range(1024)],
+        reason="seq_conflict",
+    )
+    parts = split_ack(big)
+    assert len(parts) > 1
+    assert all(len(p.model_dump_json()) <= messages.MAX_MESSAGE_BYTES for p in parts)
+    assert [r for p in parts for r in p.ranges] == big.ranges
+    assert [g for p in parts for g in p.gaps] == big.gaps
+    assert all((p.spool_epoch, p.quarantined, p.reason) == ("e" * 16, False, "seq_conflict") for p in parts)
+
+
+def test_a_batch_with_scattered_seqs_is_acked_in_pieces_the_device_accepts(engine: Engine) -> None:
+    n = 6000
+    blk = make_block(n, first_seq=0)
+    blk.seq = (10**12 + 2 * np.arange(n)).astype(np.uint64)  # every other seq: 6,000 one-seq ranges
+    scattered = make_batch(blk, seq_first=int(blk.seq[0]), seq_last=int(blk.seq[-1]), gaps=[])
+    acks = run_group(engine, [prepare(msg(tele(), encode_batch(scattered)))])
+    assert len(acks) > 1
+    assert all(len(a.model_dump_json()) <= messages.MAX_MESSAGE_BYTES for _d, a in acks)
+    assert [r for _d, a in acks for r in a.ranges] == [(s, s) for s in blk.seq.tolist()]
+    assert all(d == "veh-001" and not a.quarantined and a.reason is None for d, a in acks)
+
+
+# ------------------------------------------------------------------------------- past the codec's limits
+
+
+def _envelope_then(pad: bytes, *, declared: bool = True) -> bytes:
+    """A payload whose envelope starts like a real batch's (epoch e*16, seq 10..59), followed by ``pad``."""
+    doc = msgpack.unpackb(zstandard.ZstdDecompressor().decompress(encode_batch(batch())[4:]), raw=False)
+    doc["pad"] = pad
+    body = msgpack.packb(doc, use_bin_type=True)
+    return MAGIC + b"\x01" + zstandard.ZstdCompressor(level=1, write_content_size=declared).compress(body)
+
+
+OVER_LIMITS = {
+    "payload_too_large": lambda: _envelope_then(np.random.default_rng(2).bytes(DEFAULT_LIMITS.max_payload_bytes)),
+    "decompressed_too_large": lambda: _envelope_then(b"\x00" * (DEFAULT_LIMITS.max_decompressed_bytes + 1)),
+    "streamed_bomb": lambda: _envelope_then(b"\x00" * (DEFAULT_LIMITS.max_decompressed_bytes + 1), declared=False),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(OVER_LIMITS))
+def test_a_payload_over_the_limits_still_names_its_batch(kind: str, engine: Engine) -> None:
+    payload = OVER_LIMITS[kind]()
+    assert len(payload) > DEFAULT_LIMITS.max_payload_bytes or kind != "payload_too_large"
+    item = prepare(msg(tele(), payload))
+    assert item.reason == ("decompressed_too_large" if kind == "streamed_bomb" else kind)
+    assert item.peeked == ("e" * 16, (10, 59))
+    # Peeking reads the start of the envelope only: nowhere near the 32 MiB the body inflates to.
+    tracemalloc.start()
+    try:
+        assert peek_envelope(payload) == ("e" * 16, (10, 59))
+        _size, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * PEEK_BYTES, peak
+    # So the device is told, and releases the batch instead of re-sending it forever.
+    assert run_group(engine, [item]) == [
+        ("veh-001", messages.Ack(spool_epoch="e" * 16, ranges=[(10, 59)], quarantined=True, reason=item.reason))
+    ]
+
+
+# ------------------------------------------------------------------------------- the service without a broker
+
+
+def test_the_one_by_one_fallback_stops_when_aborting(sqlite_url: str) -> None:
+    upgrade(sqlite_url)
+    eng = make_engine(sqlite_url)
+    with eng.begin() as conn:
+        conn.exec_driver_sql(
+            "CREATE TRIGGER refuse BEFORE INSERT ON inference WHEN NEW.seq BETWEEN 1000 AND 1999 "
+            "BEGIN SELECT RAISE(ABORT, 'refused'); END"
+        )
+    ingest = Ingest(Settings(database_url=sqlite_url, mqtt_url="mqtt://127.0.0.1:1"), engine=eng)
+    group = [prepare(msg(tele(), encode_batch(batch(50, first=first)))) for first in (0, 1000, 2000)]
+    ingest._abort.set()  # stop() gave up waiting for the writer
+    assert ingest._commit(group) is False
+    # Nothing was written one by one: all three stay for the broker to redeliver, in order.
+    assert rows(eng, "SELECT count(*) FROM inference") == [(0,)]
+    assert rows(eng, "SELECT count(*) FROM quarantine") == [(0,)]
+
+    ingest._abort.clear()
+    assert ingest._commit(group) is True
+    assert rows(eng, "SELECT min(seq), max(seq), count(*) FROM inference") == [(0, 2049, 100)]
+    assert rows(eng, "SELECT reason FROM quarantine") == [("store_failed",)]
+    assert ingest.stats()["quarantined"] == {"store_failed": 1}
+    eng.dispose()
+
+
+def counter(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def test_qos0_telemetry_is_dropped_and_the_queue_is_bounded(sqlite_url: str) -> None:
+    limit = 8 * 1024 * 1024
+    settings = Settings(database_url=sqlite_url, mqtt_url="mqtt://127.0.0.1:1", ingest_max_queued_bytes=limit)
+    ingest = Ingest(settings, engine=make_engine(sqlite_url))
+    qos0_before = counter("fleet_ingest_dropped_total", reason="qos0")
+    full_before = counter("fleet_ingest_dropped_total", reason="queue_full")
+
+    ingest._enqueue(msg(tele(), encode_batch(batch()), qos=0))  # can never be acknowledged: dropped
+    assert ingest.stats()["dropped"] == {"qos0": 1} and ingest.stats()["pending"] == 0
+    big = msg(tele(), b"x" * (limit // 2))
+    ingest._enqueue(big)
+    ingest._enqueue(big)  # QoS 1 is always taken: the broker's in-flight window bounds it
+    status = msg("fleet/v1/veh-001/status", '{"state": "online"}', qos=0)
+    ingest._enqueue(status)  # the queue is full: a QoS 0 message is dropped
+    assert ingest.stats()["dropped"] == {"qos0": 1, "queue_full": 1}
+    assert ingest.stats()["pending"] == 2 and ingest.stats()["queued_bytes"] > limit
+    assert counter("fleet_ingest_dropped_total", reason="qos0") == qos0_before + 1
+    assert counter("fleet_ingest_dropped_total", reason="queue_full") == full_before + 1
+
+    assert len(ingest._collect()) == 2  # the decoder took them: there is room again
+    assert ingest.stats()["queued_bytes"] == 0
+    ingest._enqueue(status)
+    assert ingest.stats()["pending"] == 3 and ingest.stats()["dropped"] == {"qos0": 1, "queue_full": 1}
+    assert [m.topic for m in [ingest._queue.get_nowait()]] == ["fleet/v1/veh-001/status"]
+    ingest.engine.dispose()

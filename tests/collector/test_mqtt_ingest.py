@@ -86,8 +86,10 @@ class FakeVehicle:
             self.checks.append(self._on_ack(self.device_id, ack))
         self.acks.append(ack)
 
-    def publish(self, kind: str, data: bytes | str, *, retain: bool = False, topic: str | None = None) -> None:
-        info = self.client.publish(topic or self.topic(kind), data, qos=1, retain=retain)
+    def publish(
+        self, kind: str, data: bytes | str, *, retain: bool = False, topic: str | None = None, qos: int = 1
+    ) -> None:
+        info = self.client.publish(topic or self.topic(kind), data, qos=qos, retain=retain)
         info.wait_for_publish(10)
 
     def acked(self, first: int, last: int, *, quarantined: bool = False) -> bool:
@@ -247,7 +249,9 @@ def test_stream_lands_exactly_once_while_hostile_payloads_are_quarantined(
     # Every Ack came after its records were committed: the records were visible when it arrived.
     assert all(found == expected for expected, found in a.checks + b.checks)
     assert sum(1 for x in a.acks if x.ranges == [(0, 199)] and not x.quarantined) == 2  # original and re-send
-    assert a.acked(150, 249, quarantined=True)  # the conflict is released with its reason
+    # The conflicting batch is settled as a whole (first versions kept, newcomers in quarantine):
+    # one Ack names all its seqs, with the reason for information, so the device releases it.
+    assert any(x.ranges == [(150, 249)] and not x.quarantined and x.reason == "seq_conflict" for x in a.acks)
     assert b.acked(5000, 5049, quarantined=True)  # the NaN batch, named from its envelope
     assert all(x.gaps == [(5000, 5009)] for x in b.acks if not x.quarantined)
     stats = ingest.stats()
@@ -273,13 +277,14 @@ def test_restart_receives_what_the_broker_queued_in_the_persistent_session(
 
     for i in range(1, 8):  # the collector is down: the broker queues these for its session
         veh.publish("telemetry", payload(veh.device_id, i * 200, seed=i))
-    time.sleep(0.2)
-    assert count(reader, "SELECT count(*) FROM inference") == 200
 
     second = started(settings)  # same client id: the same broker session
     wait_until(lambda: all(veh.acked(i * 200, i * 200 + 199) for i in range(8)), what="acks after restart")
     assert count(reader, "SELECT count(*) FROM inference") == 1600
-    assert second.stats()["records_inserted"] == 1400
+    # The fake vehicle never re-sends: all seven came from the session's queue at the broker, and
+    # the batch acknowledged before the stop was not delivered again.
+    assert second.stats()["messages"] == {"telemetry": 7}
+    assert (second.stats()["records_inserted"], second.stats()["records_duplicate"]) == (1400, 0)
     reader.dispose()
 
 
@@ -420,26 +425,110 @@ def test_a_message_the_database_refuses_is_isolated_and_quarantined(
     upgrade(sqlite_url)
     reader = make_engine(sqlite_url)
     with reader.begin() as conn:
-        # A real constraint stands in for whatever a database may refuse that validation let through.
+        # Real constraints stand in for whatever a database may refuse that validation let through
+        # (a missing partition, a revoked permission, a new CHECK).
         conn.exec_driver_sql(
             "CREATE TRIGGER refuse_boom BEFORE INSERT ON device_event WHEN NEW.kind = 'boom' "
             "BEGIN SELECT RAISE(ABORT, 'boom refused'); END"
         )
-    ingest = started(collector_settings(sqlite_url, broker.url, tmp_path, ingest_max_delay_ms=200))
+        conn.exec_driver_sql(
+            "CREATE TRIGGER refuse_rows BEFORE INSERT ON inference WHEN NEW.seq BETWEEN 1000 AND 1199 "
+            "BEGIN SELECT RAISE(ABORT, 'no partition of relation inference found for row'); END"
+        )
+    settings = collector_settings(
+        sqlite_url, broker.url, tmp_path, ingest_max_delay_ms=200, quarantine_max_payload_bytes=1024
+    )
+    ingest = started(settings)
     veh = vehicles(f"veh-p-{uuid.uuid4().hex[:6]}")
+    refused = payload(veh.device_id, 1000, seed=7)
     veh.publish("telemetry", payload(veh.device_id, 0))
     veh.publish("events", json.dumps({"kind": "boom", "ts": 1.0}))
+    veh.publish("telemetry", refused)
     veh.publish("events", json.dumps({"kind": "fine", "ts": 2.0}))
     veh.publish("telemetry", payload(veh.device_id, 200, seed=1))
-    wait_until(lambda: veh.acked(0, 199) and veh.acked(200, 399), what="acks around the refused message")
-    wait_until(lambda: ingest.stats()["quarantined"].get("store_failed") == 1, what="store_failed")
+    wait_until(lambda: veh.acked(0, 199) and veh.acked(200, 399), what="acks around the refused messages")
+    wait_until(lambda: ingest.stats()["quarantined"].get("store_failed") == 2, what="store_failed")
+    # Acks go out in arrival order: had the refused batch got one, it would have come before 200..399's.
+    # The device was told nothing about it, so it keeps the batch and re-sends it.
+    assert not [a for a in veh.acks if any(first <= 1199 and last >= 1000 for first, last in a.ranges)]
     assert count(reader, "SELECT count(*) FROM inference") == 400
     assert count(reader, "SELECT count(*) FROM device_event WHERE kind = 'fine'") == 1
     with reader.connect() as conn:
-        reason, detail = conn.execute(sa.text("SELECT reason, detail FROM quarantine")).one()
-    assert reason == "store_failed" and "boom refused" in detail
-    # Everything was acknowledged: a new collector on the same session gets nothing again.
+        kept = conn.execute(sa.text("SELECT reason, detail, payload, payload_bytes FROM quarantine ORDER BY id")).all()
+    assert [(r.reason, "boom refused" in r.detail) for r in kept] == [("store_failed", True), ("store_failed", False)]
+    assert "no partition" in kept[1].detail
+    assert kept[1].payload == refused and kept[1].payload_bytes == len(refused) > 1024  # whole, past the cap
+
+    # The database is fixed; the device re-sends the batch no Ack released.
+    with reader.begin() as conn:
+        conn.exec_driver_sql("DROP TRIGGER refuse_rows")
+    veh.publish("telemetry", refused)
+    wait_until(lambda: veh.acked(1000, 1199), what="ack of the re-sent batch")
+    assert count(reader, "SELECT count(*) FROM inference") == 600
+    assert ingest.stats()["quarantined"].get("store_failed") == 2
+
+    # Every MQTT message was acknowledged: a new collector on the same session gets only what comes next.
     assert ingest.stats()["pending"] == 0
+    ingest.stop()
+    again = started(settings)
+    veh.publish("events", json.dumps({"kind": "marker", "ts": 3.0}))
+    wait_until(lambda: again.stats()["messages"].get("events") == 1, what="the next message")
+    assert again.stats()["messages"] == {"events": 1}
+    reader.dispose()
+
+
+class _FailsOnce(Ingest):
+    """The real service with one fault injected after a commit, before acknowledging (stands in for a bug)."""
+
+    injected = 0
+
+    def _after_commit(self, items: Any, acks: Any) -> None:
+        if not self.injected:
+            self.injected += 1
+            raise RuntimeError("injected fault after the commit")
+        super()._after_commit(items, acks)
+
+
+def test_a_group_that_fails_unexpectedly_is_redelivered_after_a_reconnect(
+    broker: Mosquitto, sqlite_url: str, tmp_path: Path, vehicles: Any
+) -> None:
+    upgrade(sqlite_url)
+    reader = make_engine(sqlite_url)
+    ingest = _FailsOnce(collector_settings(sqlite_url, broker.url, tmp_path))
+    ingest.start()
+    try:
+        assert ingest.wait_connected(15)
+        veh = vehicles(f"veh-f-{uuid.uuid4().hex[:6]}")
+        veh.publish("telemetry", payload(veh.device_id, 0))
+        # Unacknowledged, the message would hold a broker in-flight slot for the rest of the session;
+        # the service restarts the session instead, the broker redelivers it, and it is acknowledged.
+        wait_until(lambda: veh.acked(0, 199), what="ack after the redelivery")
+        stats = ingest.stats()
+        assert (ingest.injected, stats["forced_reconnects"]) == (1, 1)
+        assert (stats["records_inserted"], stats["records_duplicate"]) == (0, 200)  # stored by the failed group
+        assert count(reader, "SELECT count(*) FROM inference") == 200
+        wait_until(lambda: ingest.stats()["pending"] == 0, what="nothing pending")
+    finally:
+        ingest.stop(timeout=5)
+        reader.dispose()
+
+
+def test_qos0_telemetry_is_dropped_and_counted(
+    broker: Mosquitto, sqlite_url: str, tmp_path: Path, started: Callable[[Settings], Ingest], vehicles: Any
+) -> None:
+    upgrade(sqlite_url)
+    reader = make_engine(sqlite_url)
+    ingest = started(collector_settings(sqlite_url, broker.url, tmp_path))
+    veh = vehicles(f"veh-q-{uuid.uuid4().hex[:6]}")
+    before = counter("fleet_ingest_dropped_total", reason="qos0")
+    veh.publish("telemetry", payload(veh.device_id, 0), qos=0)  # cannot be acknowledged
+    veh.publish("telemetry", payload(veh.device_id, 200, seed=1))
+    wait_until(lambda: ingest.stats()["dropped"].get("qos0") == 1, what="the QoS 0 batch dropped")
+    wait_until(lambda: veh.acked(200, 399), what="ack of the QoS 1 batch")
+    assert counter("fleet_ingest_dropped_total", reason="qos0") == before + 1
+    assert count(reader, "SELECT count(*) FROM inference") == 200
+    assert count(reader, "SELECT count(*) FROM inference WHERE seq < 200") == 0
+    assert not [a for a in veh.acks if a.ranges != [(200, 399)]]
     reader.dispose()
 
 
