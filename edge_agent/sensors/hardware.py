@@ -247,7 +247,7 @@ class HardwareCabin(Source):
             env.humidity_pct = bme["humidity_pct"]
             env.pressure_hpa = bme["pressure_hpa"]
             env.gas_resistance_ohm = bme["gas_resistance_log10_ohm"]
-        else:
+        if bme is None or any(math.isnan(v) for v in bme.values()):
             flags |= FLAG_GAS_MISSING
         pm = self._fresh(self.channels[PMS5003], now)
         if pm is not None:
@@ -256,7 +256,7 @@ class HardwareCabin(Source):
             env.pm10_ug_m3 = pm["pm10_ug_m3"]
             c = [pm[name] for name in PARTICLE_FEATURES]
             env.particles_per_dl = (c[0], c[1], c[2], c[3], c[4], c[5])
-        else:
+        if pm is None or any(math.isnan(v) for v in pm.values()):
             flags |= FLAG_PM_MISSING
         audio, audio_flags = self._audio_window()
         flags |= audio_flags
@@ -344,7 +344,7 @@ class HardwareCabin(Source):
             delay = mon.open_failed(reason, detail)
             log.log(
                 logging.WARNING if mon.open_failures <= 1 else logging.DEBUG,
-                "%s: cannot open %s (%s: %s); next attempt in %.0f s",
+                "%s: cannot open %s (%s: %s); next attempt in %.2g s",
                 ch.name,
                 ch.device,
                 reason,
@@ -403,7 +403,7 @@ class HardwareCabin(Source):
                 log.debug("%s: closing failed: %s", ch.name, exc)
         if reason is not None:
             delay = ch.monitor.closed(reason, detail)
-            log.warning("%s: closed after %s (%s); reopening in %.0f s", ch.name, reason, detail, delay)
+            log.warning("%s: closed after %s (%s); reopening in %.2g s", ch.name, reason, detail, delay)
 
     def _close_retired(self, ch: _Channel) -> None:
         with self._lock:

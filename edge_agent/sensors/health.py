@@ -161,6 +161,7 @@ class SensorMonitor:
         p = self.policy
         self._backoff = Backoff(p.backoff_initial_s, p.backoff_factor, p.backoff_max_s)
         self.is_open = False
+        self.bad_since_open = 0
         self.next_open_at = clock()  # the first open is due at once
         self.opens = 0
         self.open_failures = 0
@@ -240,10 +241,12 @@ class SensorMonitor:
         if problem is None:
             self.good_run += 1
             self.bad_run = 0
+            self.bad_since_open = 0
             self.hard_run = 0
             self._backoff.reset()
         else:
             self.bad_run += 1
+            self.bad_since_open += 1
             self.hard_run = 0 if partial else self.hard_run + 1
             self.good_run = 0
             self.reasons[problem] += 1
@@ -295,6 +298,7 @@ class SensorMonitor:
         """The device was opened."""
         with self._lock:
             self.is_open = True
+            self.bad_since_open = 0
             self.opens += 1
 
     def open_failed(self, reason: str, detail: str = "") -> float:
@@ -321,9 +325,9 @@ class SensorMonitor:
         self.error(self._lost_reason, self._lost_detail)
 
     def should_reopen(self) -> bool:
-        """Whether an open device has failed ``reopen_after`` windows in a row and should be reinitialised."""
+        """Whether an open device has failed ``reopen_after`` windows in a row since it was opened."""
         with self._lock:
-            return self.is_open and self.bad_run >= self.policy.reopen_after
+            return self.is_open and self.bad_since_open >= self.policy.reopen_after
 
     # --------------------------------------------------------------------------------- reports
 

@@ -193,6 +193,9 @@ def test_reopen_after_a_run_of_failures_while_open() -> None:
     assert m.should_reopen()
     m.closed("timeout", "reinitialise")
     assert not m.should_reopen()
+    m.opened()
+    m.error("timeout")
+    assert not m.should_reopen()  # the run before the reopen does not count against the new device
 
 
 def test_closed_windows_carry_the_reason_the_device_was_lost() -> None:
