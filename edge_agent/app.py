@@ -27,14 +27,16 @@ import os
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import BaseModel
 
-from edge_agent.config import AgentConfig
+from edge_agent.config import AgentConfig, ConfigError, load_device_profile
 from edge_agent.inference import Engine
 from edge_agent.labels import LateLabels
 from edge_agent.sensors.base import Observation, Source, SourceExhausted
@@ -44,11 +46,24 @@ from shared.bundle import Bundle, load_bundle
 from shared.codec import NO_LABEL
 from shared.features import FeaturePipeline
 from shared.messages import ModelRef, Reported, Status
+from shared.profile import HardwareProfile
 from shared.signing import load_public_keys
 
 log = logging.getLogger(__name__)
 
+HardwareFactory = Callable[[AgentConfig, HardwareProfile], Source]
+
 STATUS_FILE_INTERVAL_S = 2.0
+# What a reload (SIGHUP) applies to the running agent; any other change needs a restart.
+RELOADABLE: dict[str, frozenset[str]] = {
+    "sensors": frozenset({"rate_hz"}),
+    # batch_max_records also sizes the spool's chunks, fixed when the spool opens.
+    "uplink": frozenset({"batch_max_age_s", "ack_timeout_s", "max_inflight_batches", "status_interval_s"}),
+    "spool": frozenset({"max_bytes", "commit_interval_s", "commit_max_records"}),
+    "activations": frozenset({"sample_fraction"}),
+    "device": frozenset({"tags"}),
+    "log_level": frozenset(),
+}
 MAX_CONSECUTIVE_ERRORS = 50
 REPLAY_CHUNK_ROWS = 500
 
@@ -110,6 +125,8 @@ class Agent:
         source: Source | None = None,
         replay: ReplaySettings | None = None,
         stop_event: threading.Event | None = None,
+        progress: Callable[[], None] | None = None,
+        make_hardware: HardwareFactory | None = None,
     ) -> None:
         self.config = config
         self.device_id = config.device.id
@@ -121,6 +138,9 @@ class Agent:
         self.counters = LoopCounters()
         self._bundle = bundle
         self._source = source
+        self._progress = progress or (lambda: None)
+        self._make_hardware = make_hardware
+        self.profile: HardwareProfile | None = None
         if replay is None and source is None and config.sensors.backend == "replay":
             assert config.sensors.replay_csv is not None  # the config validator guarantees it
             replay = ReplaySettings(config.sensors.replay_csv, config.sensors.label_column, rate=config.sensors.rate_hz)
@@ -143,6 +163,7 @@ class Agent:
         """Start every part in order; on failure, stop what was started and re-raise."""
         cfg = self.config
         try:
+            self.profile = self._load_profile()
             bundle = self._bundle or load_configured_bundle(cfg)
             self.engine = Engine(
                 bundle,
@@ -200,8 +221,25 @@ class Agent:
         thread.start()
         self._threads.append(thread)
 
+    def _load_profile(self) -> HardwareProfile | None:
+        try:
+            return load_device_profile(self.config)
+        except ConfigError as exc:
+            if self.config.sensors.backend == "hardware" and self._source is None:
+                raise
+            # Simulated and replayed data only carry the profile's name; the file is optional there.
+            log.warning("%s (continuing: the %s backend does not need it)", exc, self.config.sensors.backend)
+            return None
+
     def _make_source(self) -> Source:
         cfg = self.config.sensors
+        if cfg.backend == "hardware":
+            assert self.profile is not None  # _load_profile raised otherwise
+            if self._make_hardware is not None:
+                return self._make_hardware(self.config, self.profile)
+            from edge_agent.sensors.hardware import HardwareCabin
+
+            return HardwareCabin(self.profile, rate_hz=cfg.rate_hz)
         if cfg.backend == "simulated":
             from edge_agent.sensors.simulated import SimulatedCabin, load_scenario
 
@@ -279,11 +317,18 @@ class Agent:
     def _live_loop(self) -> None:
         assert self.engine is not None and self.spool is not None and self.source is not None
         pipeline = FeaturePipeline(sample_rate=self.config.sensors.sample_rate)
-        period = 1.0 / self.config.sensors.rate_hz
+        rate = self.config.sensors.rate_hz
+        period = 1.0 / rate
         start = time.monotonic()
         k = 0
         errors = 0
         while not self.stop_event.is_set():
+            self._progress()
+            if self.config.sensors.rate_hz != rate:
+                # A reload changed the rate: re-anchor the schedule at the next tick.
+                rate = self.config.sensors.rate_hz
+                period = 1.0 / rate
+                start, k = time.monotonic(), 0
             due = start + k * period
             now = time.monotonic()
             if now < due:
@@ -312,7 +357,18 @@ class Agent:
                     log.error("giving up: %s", self.failed)
                     self.stop_event.set()
                     break
+            self._queue_source_events()
             self._commit()
+
+    def _queue_source_events(self) -> None:
+        take = getattr(self.source, "take_events", None)
+        if take is None or self.spool is None:
+            return
+        try:
+            for event in take():
+                self.spool.queue_event(event)
+        except Exception:
+            log.exception("queueing sensor events failed")
 
     def _tick(self, pipeline: FeaturePipeline) -> None:
         assert self.engine is not None and self.spool is not None and self.source is not None
@@ -377,6 +433,7 @@ class Agent:
         exhausted = False
         try:
             while not self.stop_event.is_set() and not exhausted:
+                self._progress()
                 if self.spool.depth() + self.spool.pending_records() > high_water or (
                     self.spool.bytes() > self.config.spool.max_bytes // 2
                 ):
@@ -420,6 +477,7 @@ class Agent:
                     self.uplink.notify()
                 log.info("replay source exhausted after %d rows; waiting for the collector's acks", done)
                 while not self.stop_event.is_set():
+                    self._progress()
                     if self.spool.empty():
                         log.info("replay complete: every record acknowledged")
                         self.finished.set()
@@ -431,7 +489,75 @@ class Agent:
             log.exception("replay failed")
             self.stop_event.set()
 
+    # ------------------------------------------------------------------------------- reload
+
+    def reload(self, new: AgentConfig) -> tuple[list[str], list[str]]:
+        """Apply the run-time settings of ``new``; return ``(applied, needing_restart)`` dotted names."""
+        old = self.config
+        applied: list[str] = []
+        restart: list[str] = []
+        updates: dict[str, Any] = {}
+        for name in AgentConfig.model_fields:
+            before, after = getattr(old, name), getattr(new, name)
+            if before == after:
+                continue
+            if not isinstance(before, BaseModel):
+                (applied if name in RELOADABLE else restart).append(name)
+                if name in RELOADABLE:
+                    updates[name] = after
+                continue
+            changed = {
+                f: getattr(after, f) for f in type(before).model_fields if getattr(before, f) != getattr(after, f)
+            }
+            live = {
+                f: v
+                for f, v in changed.items()
+                if f in RELOADABLE.get(name, ()) and not (name == "sensors" and self._replay is not None)
+            }
+            applied += [f"{name}.{f}" for f in live]
+            restart += [f"{name}.{f}" for f in changed if f not in live]
+            if live:
+                updates[name] = before.model_copy(update=live)
+        self.config = cfg = old.model_copy(update=updates)
+        if self.uplink is not None:
+            self.uplink.settings = cfg.uplink
+        if self.spool is not None:
+            self.spool.max_bytes = cfg.spool.max_bytes
+            self.spool.commit_interval_s = cfg.spool.commit_interval_s
+            self.spool.commit_max_records = cfg.spool.commit_max_records
+        if self.engine is not None:
+            self.engine.act_sample_fraction = cfg.activations.sample_fraction
+        set_rate = getattr(self.source, "set_rate", None)
+        if set_rate is not None and "sensors.rate_hz" in applied:
+            set_rate(cfg.sensors.rate_hz)
+        if "log_level" in applied and cfg.log_level is not None:
+            logging.getLogger().setLevel(cfg.log_level)
+        if applied:
+            log.info("reload applied: %s", ", ".join(applied))
+        if restart:
+            log.warning("reload: these changes need a restart (systemctl restart edge-agent): %s", ", ".join(restart))
+        if not applied and not restart:
+            log.info("reload: configuration unchanged")
+        return applied, restart
+
     # ------------------------------------------------------------------------------- status
+
+    def status_line(self) -> str:
+        """One line for systemd's ``STATUS=``: model, inference rate, spool depth, unhealthy sensors."""
+        engine, spool = self.engine, self.spool
+        parts = [
+            f"model {engine.model_name} {engine.model_version}" if engine else "no model",
+            f"{self._rate:.1f} inferences/s",
+            f"spool {spool.depth()} records" if spool else "no spool",
+        ]
+        if self.source is not None:
+            try:
+                bad = {k: v for k, v in self.source.health().items() if v.state != "ok"}
+            except Exception:
+                bad = {}
+            if bad:
+                parts.append("sensors " + ", ".join(f"{k} {v.state} ({v.reason})" for k, v in sorted(bad.items())))
+        return ", ".join(parts)
 
     def status_message(self) -> Status:
         """The retained ``status`` payload (state ``online``)."""
@@ -488,7 +614,16 @@ class Agent:
             "model": {"name": engine.model_name, "version": engine.model_version} if engine else None,
             "inference_rate": round(self._rate, 3),
             "loop": asdict(self.counters),
+            "profile": self.config.device.profile,
         }
+        if self.source is not None:
+            try:
+                doc["sensors"] = {k: v.model_dump() for k, v in self.source.health().items()}
+                details = getattr(self.source, "snapshot", None)
+                if details is not None:
+                    doc["sensor_details"] = details()
+            except Exception:
+                log.exception("reading sensor health failed")
         if spool is not None:
             doc.update(
                 spool_epoch=spool.epoch,

@@ -1,4 +1,4 @@
-"""`edge-agent`: run the service, replay a feature CSV, show status, simulate a fleet, make datasets.
+"""`edge-agent`: run the service, replay a feature CSV, show status, check sensors, simulate a fleet, make datasets.
 
 Exit codes: 0 success, 1 a runtime failure, 2 bad configuration or input (the message says
 which file and field). Logs go to stderr (``--log-level``); a command's own output to stdout.
@@ -17,16 +17,20 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from edge_agent.app import Agent, ReplaySettings, agent_version
-from edge_agent.config import DEFAULT_BUNDLE, DEFAULT_KEY, AgentConfig, ConfigError, load_config
+from edge_agent.app import Agent, HardwareFactory, ReplaySettings, agent_version
+from edge_agent.config import DEFAULT_BUNDLE, DEFAULT_KEY, AgentConfig, ConfigError, load_config, load_device_profile
 from edge_agent.sensors.replay import ReplayError
 from edge_agent.sensors.simulated import ScenarioError
+from edge_agent.service import Service
 from edge_agent.simulate import Fleet, FleetSettings
 from edge_agent.spool import SpoolError, inspect
 from shared.bundle import BundleError
 from shared.topics import TopicError, check_device_id
+
+if TYPE_CHECKING:
+    from edge_agent.sensors.hardware import DriverFactories
 
 log = logging.getLogger("edge_agent")
 
@@ -44,13 +48,71 @@ def _config(args: argparse.Namespace) -> AgentConfig:
     return load_config(args.config)
 
 
+def run_service(
+    config_path: Path | None,
+    *,
+    make_hardware: HardwareFactory | None = None,
+    environ: dict[str, str] | None = None,
+) -> int:
+    """Run the agent as a systemd service until SIGTERM/SIGINT; SIGHUP reloads the configuration.
+
+    Tells systemd ``READY=1`` once configuration, profile, model and uplink are up, pings the
+    watchdog only while the main loop makes progress, sends ``STATUS=`` lines, ``RELOADING=1``
+    around a reload and ``STOPPING=1`` before the clean stop (spool flushed, ``stopped`` published).
+    """
+    stop = threading.Event()
+    reload_requested = threading.Event()
+    # Handlers first: a SIGHUP during a slow start must not kill the process (its default action).
+    _install_signals(stop)
+    signal.signal(signal.SIGHUP, lambda _s, _f: reload_requested.set())
+    config = load_config(config_path)
+    if config.log_level is not None:
+        logging.getLogger().setLevel(config.log_level)
+    holder: list[Agent] = []
+    service = Service(environ=environ, status=lambda: holder[0].status_line() if holder else "starting")
+    agent = Agent(config, stop_event=stop, progress=service.kick, make_hardware=make_hardware)
+    holder.append(agent)
+    try:
+        agent.start()
+    except BaseException as exc:
+        service.notifier.notify(f"STATUS=failed to start: {exc}"[:400])
+        service.close()
+        raise
+    service.ready()
+    try:
+        while not stop.wait(0.2):
+            if reload_requested.is_set():
+                reload_requested.clear()
+                service.reloading()
+                summary = reload_config(agent, config_path)
+                service.reloaded(summary)
+    finally:
+        service.stopping()
+        agent.stop()
+        service.close()
+    if agent.failed:
+        log.error("%s", agent.failed)
+        return 1
+    return 0
+
+
+def reload_config(agent: Agent, config_path: Path | None) -> str:
+    """Re-read the configuration and apply what can change at run time; a short summary for systemd."""
+    log.info("SIGHUP: reloading %s", config_path or "the configuration")
+    try:
+        new = load_config(config_path)
+    except ConfigError as exc:
+        # A broken edit must not take a running vehicle down: keep going on the old configuration.
+        log.error("reload refused, keeping the running configuration: %s", exc)
+        return "reload refused: configuration invalid"
+    applied, restart = agent.reload(new)
+    summary = f"reloaded ({len(applied)} applied"
+    return summary + (f", {len(restart)} need a restart)" if restart else ")")
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     """`edge-agent run`: the service."""
-    config = _config(args)
-    stop = threading.Event()
-    _install_signals(stop)
-    agent = Agent(config, stop_event=stop)
-    return agent.run()
+    return run_service(args.config)
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
@@ -153,6 +215,48 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def sensors_check(config: AgentConfig, *, as_json: bool = False, factories: DriverFactories | None = None) -> int:
+    """Read each sensor of the configured profile once and print what was found; 0 if all are ok, else 1."""
+    from edge_agent.sensors.hardware import check_sensors
+
+    profile = load_device_profile(config)
+    reports = check_sensors(profile, factories)
+    all_ok = all(r.ok for r in reports)
+    if as_json:
+        doc = {
+            "profile": profile.name,
+            "ok": all_ok,
+            "sensors": [
+                {
+                    "sensor": r.sensor,
+                    "device": r.device,
+                    "state": r.state,
+                    "reason": r.reason,
+                    "detail": r.detail,
+                    "values": r.values,
+                    **r.info,
+                }
+                for r in reports
+            ],
+        }
+        print(json.dumps(doc, indent=2, default=str))
+    else:
+        print(f"profile {profile.name}: {profile.description}".rstrip(": "))
+        for r in reports:
+            print(f"{r.sensor:<11} {r.state.upper():<9} {r.device}")
+            if r.values:
+                print("            " + ", ".join(f"{k}={v:g}" for k, v in r.values.items()))
+            if r.reason:
+                print(f"            {r.reason}: {r.detail}")
+        print("all sensors ok" if all_ok else "some sensors are not ok")
+    return 0 if all_ok else 1
+
+
+def cmd_sensors_check(args: argparse.Namespace) -> int:
+    """`edge-agent sensors check`: read each sensor once, for bring-up."""
+    return sensors_check(_config(args), as_json=args.json)
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
     """`edge-agent simulate`: N simulated vehicles in this process."""
     state_dir = Path(args.state_dir) if args.state_dir else Path(tempfile.mkdtemp(prefix="edge-simulate-"))
@@ -212,6 +316,13 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--config", type=Path, help="agent YAML")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.set_defaults(func=cmd_status)
+
+    sensors = sub.add_parser("sensors", help="sensor bring-up tools")
+    sensors_sub = sensors.add_subparsers(dest="sensors_command", required=True, metavar="SUBCOMMAND")
+    check = sensors_sub.add_parser("check", help="read each sensor of the profile once and print what was found")
+    check.add_argument("--config", type=Path, help="agent YAML (device.profile names the hardware)")
+    check.add_argument("--json", action="store_true", help="machine-readable output")
+    check.set_defaults(func=cmd_sensors_check)
 
     sim = sub.add_parser("simulate", help="run N simulated vehicles in one process")
     sim.add_argument("--devices", type=int, required=True, help="number of vehicles")
