@@ -607,3 +607,49 @@ def test_a_failed_init_closes_its_connection(tmp_path: Path) -> None:
             open_spool(bad)
     leaked = [os.readlink(f"/proc/self/fd/{fd}") for fd in set(os.listdir("/proc/self/fd")) - fds]
     assert not [f for f in leaked if f.startswith(str(bad))]
+
+
+def test_a_failed_commit_leaves_in_flight_batches_intact(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    probe = open_spool(tmp_path / "probe.db")
+    probe.append(make_block(100))
+    probe.commit()
+    chunk_bytes = probe.bytes()
+    probe.close()
+    # The third commit drops the oldest chunk (in flight) to stay under max_bytes, then fails to write.
+    script = textwrap.dedent(
+        f"""
+        import json, os, resource, sqlite3, sys
+        sys.path.insert(0, {str(REPO)!r})
+        from pathlib import Path
+        from tests.edge_agent.test_spool import make_block, open_spool
+        path = Path({str(path)!r})
+        spool = open_spool(path, chunk_max_records=100, max_bytes={int(chunk_bytes * 2.5)}, reserve_step=1000)
+        for i in range(2):
+            spool.append(make_block(100, seed=i))
+            spool.commit()
+        batch = spool.next_batch(100)
+        spool.mark_sent(batch)
+        size = max(os.path.getsize(p) for p in (path, Path(str(path) + "-wal")))
+        soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size, hard))
+        spool.append(make_block(100, seed=2))
+        try:
+            spool.commit()
+            failed = False
+        except sqlite3.Error:
+            failed = True
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        depth, inflight = spool.depth(), spool.inflight()
+        spool.requeue_unacked(0.0)
+        again = spool.next_batch(100)
+        print(json.dumps({{"failed": failed, "depth": depth, "inflight": inflight, "gaps": len(spool.gaps()),
+                          "sent": [batch.seq_first, batch.seq_last], "again": [again.seq_first, again.seq_last]}}))
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-3000:]
+    doc = json.loads(done.stdout.strip().splitlines()[-1])
+    assert doc["failed"] and doc["depth"] == 200 and doc["gaps"] == 0
+    # The drop was rolled back with the commit: the in-flight batch still holds its chunk and is re-sent.
+    assert doc["inflight"] == 1 and doc["sent"] == doc["again"] == [0, 99]
