@@ -6,10 +6,14 @@ every connect and ``stopped`` on a clean stop. A *pump* thread publishes batches
 spool has ``batch_max_records`` waiting or its oldest record is ``batch_max_age_s`` old, with at
 most ``max_inflight_batches`` unacknowledged.
 
-Delivery is settled by the collector, not by the broker: records leave the spool only when an
-``Ack`` for this spool epoch covers them (``quarantined`` acks release too, loudly). A batch not
-acknowledged within ``ack_timeout_s`` is sent again, and after a reconnect everything in flight is.
-Garbage on the ack topic is counted and logged, never raised.
+Delivery is settled by the collector, not by the broker: records leave the spool only when
+``Ack``s for this spool epoch cover them. A ``quarantined`` ack (the collector rejected a payload
+as invalid) releases, loudly, exactly the in-flight batch whose envelope it names, or nothing. A
+batch not acknowledged within ``ack_timeout_s`` is sent again, with the timeout doubling per
+unanswered re-send (at most 10 minutes) until acks make progress again; after a reconnect
+everything in flight is sent again at once. No batch exceeds the codec's payload or decompressed
+limits: an oversized one is re-cut, a chunk split in the spool. Garbage on the ack topic is
+counted and logged, never raised.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
+import zstandard
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -32,7 +37,7 @@ from pydantic import ValidationError
 
 from edge_agent.config import MqttSection, UplinkSection
 from edge_agent.spool import PendingBatch, Spool
-from shared.codec import DEFAULT_LIMITS, Batch, encode_batch
+from shared.codec import DEFAULT_LIMITS, MAGIC, Batch, encode_batch
 from shared.messages import MAX_MESSAGE_BYTES, Ack, Reported, Status
 from shared.topics import Kind, topic
 
@@ -66,6 +71,14 @@ def clock_synced() -> bool:
     return synced
 
 
+def decompressed_size(payload: bytes) -> int:
+    """The msgpack body size a telemetry payload declares in its zstd frame header (-1 if unknown)."""
+    try:
+        return int(zstandard.frame_content_size(payload[len(MAGIC) + 1 :]))
+    except zstandard.ZstdError:
+        return -1
+
+
 @dataclass
 class UplinkCounters:
     """What the uplink did since it started."""
@@ -83,6 +96,8 @@ class UplinkCounters:
     bad_acks: int = 0
     foreign_acks: int = 0
     quarantined: int = 0
+    quarantine_unmatched: int = 0
+    chunks_split: int = 0
     events_published: int = 0
     subscribe_failures: int = 0
 
@@ -287,15 +302,23 @@ class Uplink:
             self.counters.foreign_acks += 1
             log.warning("ack for another spool epoch %s ignored", ack.spool_epoch)
             return 0
-        if ack.quarantined:
-            self.counters.quarantined += 1
-            log.error(
-                "COLLECTOR QUARANTINED batch %s (reason %s): releasing it, it will never be accepted",
-                ack.ranges,
-                ack.reason,
-            )
         try:
-            released = self.spool.release(ack)
+            if ack.quarantined:
+                self.counters.quarantined += 1
+                quarantined = self.spool.release_quarantined(ack)
+                if quarantined is None:
+                    # Stale (the batch was re-sent meanwhile) or not ours: the re-send gets its own ack.
+                    self.counters.quarantine_unmatched += 1
+                    return 0
+                released = quarantined
+                log.error(
+                    "COLLECTOR QUARANTINED batch %s (reason %s): released its %d records, they will never be accepted",
+                    ack.ranges,
+                    ack.reason,
+                    released,
+                )
+            else:
+                released = self.spool.release(ack)
         except Exception:
             log.exception("releasing ack %s failed", ack.ranges)
             return 0
@@ -325,7 +348,11 @@ class Uplink:
         stale = self.spool.requeue_unacked(s.ack_timeout_s, now)
         if stale:
             self.counters.batches_resent += stale
-            log.info("%d batches not acknowledged within %.0f s: sending again", stale, s.ack_timeout_s)
+            log.info(
+                "%d batches not acknowledged in time (%.0f s, doubling per re-send): sending again",
+                stale,
+                s.ack_timeout_s,
+            )
         max_records = s.batch_max_records
         while (
             self._connected.is_set()
@@ -339,6 +366,14 @@ class Uplink:
             if result == "oversized" and len(batch.chunk_ids) > 1:
                 max_records = max(1, batch.n_records // 2)
                 continue
+            if result == "oversized":
+                # One chunk too big (stored by an older agent, or a freak record): cut it in two
+                # in the spool, or declare a lone record as a gap. Never try the same payload again.
+                if batch.chunk_ids:
+                    self.spool.split_chunk(batch.chunk_ids[0])
+                    self.counters.chunks_split += 1
+                    self._wake.set()
+                break
             if result == "error":
                 break
             max_records = s.batch_max_records
@@ -363,18 +398,30 @@ class Uplink:
                 gaps=batch.gaps,
             )
         )
-        if len(payload) > DEFAULT_LIMITS.max_payload_bytes:
+        body = decompressed_size(payload)
+        if len(payload) > DEFAULT_LIMITS.max_payload_bytes or body > DEFAULT_LIMITS.max_decompressed_bytes:
             self.spool.unsend(batch)
             self.counters.oversized_batches += 1
-            log.warning("batch of %d records is %d bytes: splitting", batch.n_records, len(payload))
+            log.warning(
+                "batch of %d records in %d chunks is %d bytes (%d decompressed): over the codec's limits",
+                batch.n_records,
+                len(batch.chunk_ids),
+                len(payload),
+                body,
+            )
             return "oversized"
-        info = self._client.publish(self.topics[Kind.TELEMETRY], payload, qos=1)
+        # In flight before it can be acknowledged: a fast collector's ack may beat publish()'s return.
+        self.spool.mark_sent(batch)
+        try:
+            info = self._client.publish(self.topics[Kind.TELEMETRY], payload, qos=1)
+        except BaseException:
+            self.spool.unsend(batch)
+            raise
         if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
             self.spool.unsend(batch)
             self.counters.publish_errors += 1
             log.warning("publish failed (%s); will retry", mqtt.error_string(info.rc))
             return "error"
-        self.spool.mark_sent(batch)
         self.counters.batches_sent += 1
         self.counters.records_sent += batch.n_records
         log.debug(

@@ -2,15 +2,19 @@
 
 :class:`CollectorPeer` is a real protocol peer: it subscribes to ``fleet/v1/+/telemetry``,
 decodes every batch with :func:`shared.codec.decode_batch` and publishes
-:class:`shared.messages.Ack` on the device's ``ack`` topic, as the collector does after its
-commit. Behaviours the collector can show (never acking, quarantining) are switches on it.
+:class:`shared.messages.Ack` on the device's ``ack`` topic as the collector does after its
+commit: the exact seqs it received as ranges, the declared gaps, and for a quarantined payload
+the envelope range. Behaviours the collector can show (never acking, quarantining) are switches
+on it. The last test runs the agent's uplink against the real collector ingest service.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -18,17 +22,19 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import asdict
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edge_agent.config import MqttSection, UplinkSection
-from edge_agent.spool import EVENT_SPOOL_LOSS, GAP_CRASH, Spool
+from edge_agent.spool import EVENT_SPOOL_LOSS, GAP_CRASH, Spool, _pack_block, _unpack_block, concat_blocks, merge_ranges
 from edge_agent.uplink import Uplink, clock_synced
-from shared.codec import Batch, BatchError, decode_batch
+from shared.codec import Batch, BatchError, RecordBlock, decode_batch
 from shared.messages import Ack, DeviceEvent, Status
 from shared.topics import Kind, parse, subscription, topic
 from tests.edge_agent.test_spool import make_block
@@ -98,13 +104,21 @@ class CollectorPeer:
             if self.skip_acks > 0:
                 self.skip_acks -= 1
                 return
-        ack = Ack(
-            spool_epoch=batch.spool_epoch,
-            ranges=[(batch.seq_first, batch.seq_last)],
-            gaps=[(g.first, g.last) for g in batch.gaps],
-            quarantined=self.mode == "quarantine",
-            reason="bad_value" if self.mode == "quarantine" else None,
-        )
+        if self.mode == "quarantine":
+            # The collector names a payload it rejects whole by its envelope range.
+            ack = Ack(
+                spool_epoch=batch.spool_epoch,
+                ranges=[(batch.seq_first, batch.seq_last)],
+                quarantined=True,
+                reason="bad_value",
+            )
+        else:
+            seqs = [(int(s), int(s)) for b in batch.blocks for s in b.seq]
+            ack = Ack(
+                spool_epoch=batch.spool_epoch,
+                ranges=merge_ranges(seqs),
+                gaps=[(g.first, g.last) for g in batch.gaps],
+            )
         client.publish(topic(device, Kind.ACK), ack.model_dump_json(), qos=1)
 
     def unique(self, device: str) -> set[int]:
@@ -321,3 +335,161 @@ def test_last_will_offline_when_the_process_is_killed(broker: Mosquitto, tmp_pat
         assert late.statuses[device][-1]["state"] == "offline"
     finally:
         late.close()
+
+
+def legacy_spool(path: Path, block: RecordBlock) -> Spool:
+    """A spool holding ``block`` as ONE chunk, as agents before byte-bounded chunks stored a group."""
+    spool = Spool(path, max_bytes=1 << 30, chunk_max_records=20_000, commit_max_records=20_000)
+    spool.append(block)
+    spool.commit()
+    spool.close()
+    with sqlite3.connect(path) as db:
+        rows = db.execute("SELECT role, model, version, hidden, data FROM chunks ORDER BY id").fetchall()
+        merged = concat_blocks(
+            [_unpack_block(data, role, model, version, hidden) for role, model, version, hidden, data in rows]
+        )
+        data = _pack_block(merged)
+        db.execute("DELETE FROM chunks")
+        db.execute(
+            "INSERT INTO chunks (first_seq, last_seq, n, role, model, version, hidden, nbytes, created, data)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (int(merged.seq[0]), int(merged.seq[-1]), len(merged), *rows[0][:4], len(data), time.time(), data),
+        )
+    db.close()
+    return Spool(path, max_bytes=1 << 30)
+
+
+@pytest.mark.parametrize(
+    ("n", "features", "fill_value"),
+    [
+        (12_000, 256, None),  # random features: the compressed payload is over 4 MiB
+        (9_000, 1024, 1e6),  # one value, float32 on the wire: tiny payload, over 32 MiB decompressed
+    ],
+    ids=["payload", "decompressed"],
+)
+def test_a_chunk_too_big_to_publish_is_split_not_resent_forever(
+    broker: Mosquitto, peer: CollectorPeer, tmp_path: Path, n: int, features: int, fill_value: float | None
+) -> None:
+    device = new_device()
+    block = make_block(n, features=features)
+    if fill_value is not None:
+        block.features[:] = fill_value
+    spool = legacy_spool(tmp_path / "spool.db", block)
+    assert spool.depth() == n
+    uplink = make_uplink(spool, broker.url, device, batch_max_records=20_000)
+    uplink.start()
+    try:
+        wait_for(lambda: spool.depth() == 0 and spool.inflight() == 0, timeout=60, what="spool to empty")
+    finally:
+        uplink.stop()
+        spool.close()
+    assert peer.unique(device) == set(range(n)) and not peer.bad
+    c = uplink.counters
+    # Each oversized attempt split the chunk once (n -> 2 x n/2 -> 4 x n/4 at most): no busy loop.
+    assert 1 <= c.chunks_split <= 7 and c.oversized_batches == c.chunks_split, asdict(c)
+    assert spool.stats.oversized_dropped == 0
+
+
+def test_a_batch_is_in_flight_before_it_is_published(broker: Mosquitto, peer: CollectorPeer, spool: Spool) -> None:
+    device = new_device()
+    uplink = make_uplink(spool, broker.url, device)
+    seen: list[int] = []
+
+    def on_log(_c: object, _u: object, _level: int, line: str) -> None:
+        # paho logs each PUBLISH from inside publish(): a fast collector's ack may come right after it.
+        if "Sending PUBLISH" in line and "/telemetry'" in line:
+            seen.append(spool.inflight())
+
+    uplink._client.on_log = on_log
+    fill(spool, 300)
+    uplink.start()
+    try:
+        wait_for(lambda: spool.depth() == 0 and spool.inflight() == 0, what="spool to empty")
+    finally:
+        uplink.stop()
+    assert len(seen) >= 3 and min(seen) >= 1
+
+
+def test_real_collector_settles_a_real_uplink_exactly(
+    private_broker: Callable[[], Mosquitto], sqlite_url: str, tmp_path: Path
+) -> None:
+    """The agent's uplink against collector.ingest.Ingest: crash gap, a quarantined batch, a partial seq conflict."""
+    from collector.config import Settings
+    from collector.db import make_engine, upgrade
+    from collector.ingest import Ingest
+
+    broker = private_broker()
+    upgrade(sqlite_url)
+    ingest = Ingest(
+        Settings(
+            database_url=sqlite_url,
+            mqtt_url=broker.url,
+            mqtt_client_id=f"collector-{uuid.uuid4().hex[:8]}",
+            ingest_max_delay_ms=5,
+            data_dir=tmp_path / "collector",
+        )
+    )
+    ingest.start()
+    device = new_device()
+    path = tmp_path / "spool.db"
+    kw: dict = {"max_bytes": 1 << 26, "chunk_max_records": 100, "reserve_step": 1}
+
+    def drain(spool: Spool) -> Uplink:
+        uplink = make_uplink(spool, broker.url, device, batch_max_records=100, ack_timeout_s=30.0)
+        uplink.start()
+        try:
+            wait_for(spool.empty, timeout=30, what="the spool to drain")
+        finally:
+            uplink.stop()
+        return uplink
+
+    try:
+        assert ingest.wait_connected(15)
+        # A first life: seq 0-149 reach the collector. A backup of the spool taken at seq 100 is
+        # restored afterwards (an SD card image): seq 100-149 are reused with other content.
+        spool = Spool(path, **kw)
+        spool.append(make_block(100, seed=1))
+        spool.close()
+        shutil.copy(path, tmp_path / "backup.db")
+        spool = Spool(path, **kw)
+        spool.append(make_block(50, seed=2))
+        spool.commit()
+        drain(spool)
+        spool.close()
+        shutil.copy(tmp_path / "backup.db", path)
+
+        spool = Spool(path, **kw)
+        assert spool.depth() == 100 and spool.next_seq == 100
+        spool.append(make_block(100, seed=3))  # 100-199: 100-149 conflict, 150-199 new, one chunk
+        spool.commit()
+        spool.append(make_block(30, seed=4))  # 200-229: lost in a crash
+        spool = Spool(path, **kw)
+        assert [(g.first, g.last) for g in spool.gaps()] == [(200, 229)]
+        spool.append(make_block(100, seed=5))  # 230-329
+        spool.commit()
+        bad = make_block(100, seed=6)  # 330-429: an engine bug, rejected whole
+        bad.probs[5, 0] = np.nan
+        spool.append(bad)
+        spool.commit()
+        spool.append(make_block(100, seed=7))  # 430-529
+        spool.commit()
+        uplink = drain(spool)
+        assert uplink.counters.quarantined == 1 and uplink.counters.quarantine_unmatched == 0
+        assert uplink.counters.records_released == 500 and spool.stats.quarantine_released == 100
+        spool.close()
+    finally:
+        stats = ingest.stats()
+        ingest.stop(timeout=5)
+    engine = make_engine(sqlite_url)
+    with engine.connect() as conn:
+        seqs = [int(r[0]) for r in conn.exec_driver_sql("SELECT seq FROM inference WHERE device_id = ?", (device,))]
+        gaps = conn.exec_driver_sql(
+            "SELECT seq_first, seq_last, reason FROM declared_gap WHERE device_id = ?", (device,)
+        ).all()
+        quarantined = conn.exec_driver_sql("SELECT reason FROM quarantine WHERE device_id = ?", (device,)).all()
+    engine.dispose()
+    assert sorted(seqs) == [*range(200), *range(230, 330), *range(430, 530)]
+    assert [tuple(g) for g in gaps] == [(200, 229, "crash")]
+    # The collector keeps the conflicting second versions of 100-149 in quarantine, the first stored.
+    assert sorted(r[0] for r in quarantined) == ["non_finite", "seq_conflict"]
+    assert stats["records_conflict"] == 50
