@@ -358,7 +358,18 @@ class Agent:
                     self.stop_event.set()
                     break
             self._queue_source_events()
-            self._commit()
+            try:
+                self._commit()
+            except Exception:
+                # Disk full, I/O error: records stay buffered (bounded) and the spool retries each
+                # commit interval. A spool that keeps failing ends the process, so systemd restarts it.
+                failures = self.spool.stats.commit_failures_in_a_row
+                log.exception("spool commit failed (%d in a row)", failures)
+                if failures >= MAX_CONSECUTIVE_ERRORS:
+                    self.failed = f"{failures} consecutive spool commit failures"
+                    log.error("giving up: %s", self.failed)
+                    self.stop_event.set()
+                    break
 
     def _queue_source_events(self) -> None:
         take = getattr(self.source, "take_events", None)

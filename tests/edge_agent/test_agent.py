@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -20,7 +21,7 @@ from edge_agent.app import Agent
 from edge_agent.config import DEFAULT_BUNDLE, DEFAULT_KEY, load_config
 from edge_agent.sensors.base import Observation, Source
 from edge_agent.sensors.simulated import TRAINING_LABELS, UNKNOWN_LABEL
-from edge_agent.spool import EVENT_SPOOL_LOSS, inspect, merge_ranges
+from edge_agent.spool import EVENT_SPOOL_LOSS, Spool, inspect, merge_ranges
 from shared.bundle import Bundle, load_bundle
 from shared.features import FLAG_GAS_MISSING, FLAG_IMPUTED, FLAG_PM_MISSING
 from shared.messages import SensorHealth
@@ -311,3 +312,44 @@ def test_failed_sensors_travel_as_flagged_nan_not_quarantine(broker: Mosquitto, 
     features = np.concatenate([blk.features for blk in blocks])
     assert np.isnan(features[:, :13]).all() and np.isfinite(features[:, 13:]).all()
     assert peer.statuses[device][0]["sensors"]["bme680"]["state"] == "failed"
+
+
+def test_a_spool_that_cannot_commit_ends_the_agent_and_loses_nothing_silently(
+    broker: Mosquitto, tmp_path: Path
+) -> None:
+    device = f"full-{uuid.uuid4().hex[:8]}"
+    config = write_config(tmp_path, broker.url, device, spool={"commit_interval_s": 0.05})
+    limit = 256 * 1024
+
+    def disk_full_soon() -> None:
+        # A stand-in for a full SD card: no file of this process may grow past 256 KiB. The
+        # spool's write-ahead log reaches that within a second; logs go to a pipe, not a file.
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    proc = subprocess.Popen(
+        agent_cmd("run", "--config", str(config)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        cwd=REPO,
+        preexec_fn=disk_full_soon,
+    )
+    try:
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    log = out.decode(errors="replace")
+    # Not a silent zombie that still says "online": the process fails, so systemd restarts it.
+    assert proc.returncode == 1, log[-3000:]
+    assert "consecutive spool commit failures" in log
+    # The restarted agent declares what was handed out and never committed.
+    info = inspect(tmp_path / "state" / "spool.db")
+    spool = Spool(tmp_path / "state" / "spool.db", max_bytes=1 << 26)
+    try:
+        assert info["depth"] > 0
+        gaps = [(g.first, g.last, g.reason) for g in spool.gaps()]
+        assert len(gaps) == 1 and gaps[0][0] == info["next_seq"] and gaps[0][2] == "crash"
+        assert spool.next_seq == gaps[0][1] + 1
+    finally:
+        spool.close()
