@@ -486,9 +486,18 @@ def check_sensors(
     ]
 
 
+def _display_name(feature: str) -> str:
+    # A person at bring-up reads ohms and counts, not the model's log10 inputs.
+    if feature == "gas_resistance_log10_ohm":
+        return "gas_resistance_ohm"
+    if feature in PARTICLE_FEATURES:
+        return feature.replace("_log10", "_per_dl")
+    return feature
+
+
 def _checked(report: SensorReport, features: dict[str, float], raw: dict[str, float], ranges: Any) -> None:
     checked, rejected = apply_ranges(features, ranges)
-    report.values = {k: round(v, 4) for k, v in _reject(raw, checked).items()}
+    report.values = {_display_name(k): round(v, 4) for k, v in _reject(raw, checked).items()}
     if rejected:
         report.state, report.reason, report.detail = "degraded", "out_of_range", "; ".join(rejected)
 

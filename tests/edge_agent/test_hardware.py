@@ -331,6 +331,8 @@ def test_check_sensors_on_the_fakes(rig: Rig) -> None:
     reports = {r.sensor: r for r in check_sensors(rig.profile(), rig.factories())}
     assert all(r.ok for r in reports.values()), reports
     assert reports["pms5003"].values["pm25_ug_m3"] == 7.0
+    assert reports["pms5003"].values["particles_gt_0_3um_per_dl"] == 3500  # counts, as the sensor sends them
+    assert reports["bme680"].values["gas_resistance_ohm"] == pytest.approx(expected(COEFFS_B, BASE_SAMPLE)[3], rel=1e-4)
     assert reports["bme680"].values["temperature_c"] == pytest.approx(expected(COEFFS_B, BASE_SAMPLE)[0], abs=1e-3)
     assert "UMA-8" in reports["microphone"].device and reports["microphone"].values["rms_dbfs"] < 0
 
