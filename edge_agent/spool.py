@@ -369,6 +369,15 @@ class Spool:
                         log.error("spool rollback failed: %s", exc)
                 raise
 
+    @contextlib.contextmanager
+    def _recounting(self) -> Iterator[None]:
+        """Re-read the byte and record counters if the block fails (its transaction rolled back)."""
+        try:
+            yield
+        except BaseException:
+            self._recount()
+            raise
+
     def _meta_get(self, key: str) -> str | None:
         row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return None if row is None else str(row[0])
@@ -889,7 +898,7 @@ class Spool:
             deleted: set[int] = set()
             partial: dict[int, list[tuple[int, int]]] = {}
             gone_gaps: set[int] = set()
-            with self._tx():
+            with self._recounting(), self._tx():
                 touched: dict[int, tuple[int, ...]] = {}
                 for a, b in ranges:
                     for row in self._db.execute(
@@ -950,7 +959,7 @@ class Spool:
             gaps = set() if batch.has_records else set(batch.gaps)
             released = 0
             deleted: set[int] = set()
-            with self._tx():
+            with self._recounting(), self._tx():
                 for cid in chunk_ids:
                     row = self._db.execute("SELECT n, nbytes FROM chunks WHERE id = ?", (cid,)).fetchone()
                     if row is None:
@@ -1003,34 +1012,30 @@ class Spool:
                 return 0
             first, last, n, nbytes, role, model, version, hidden, data, created = row
             key = (str(role), str(model), str(version), int(hidden))
-            try:
-                with self._tx():
-                    if n > 1:
-                        block = _unpack_block(data, *key)
-                        mid = n // 2
-                        head, tail = slice_block(block, 0, mid), slice_block(block, mid, n)
-                        head_data = _pack_block(head)
-                        self._db.execute(
-                            "UPDATE chunks SET last_seq = ?, n = ?, nbytes = ?, data = ? WHERE id = ?",
-                            (int(head.seq[-1]), len(head), len(head_data), head_data, chunk_id),
-                        )
-                        self._bytes += len(head_data) - int(nbytes)
-                        self._depth -= len(tail)
-                        self._insert_chunk(tail, key, _pack_block(tail), float(created))
-                    else:
-                        self._db.execute("DELETE FROM chunks WHERE id = ?", (chunk_id,))
-                        self._bytes -= int(nbytes)
-                        self._depth -= int(n)
-                        self._add_gap(int(first), int(last), GAP_OVERSIZED)
-                        self._queue_event(
-                            EVENT_SPOOL_OVERSIZED,
-                            f"record seq {first} is {nbytes} bytes: too big for any batch, dropped",
-                            {"first": int(first), "last": int(last), "records": int(n), "reason": GAP_OVERSIZED},
-                        )
-                        self._count("oversized_records", int(n))
-            except BaseException:
-                self._recount()
-                raise
+            with self._recounting(), self._tx():
+                if n > 1:
+                    block = _unpack_block(data, *key)
+                    mid = n // 2
+                    head, tail = slice_block(block, 0, mid), slice_block(block, mid, n)
+                    head_data = _pack_block(head)
+                    self._db.execute(
+                        "UPDATE chunks SET last_seq = ?, n = ?, nbytes = ?, data = ? WHERE id = ?",
+                        (int(head.seq[-1]), len(head), len(head_data), head_data, chunk_id),
+                    )
+                    self._bytes += len(head_data) - int(nbytes)
+                    self._depth -= len(tail)
+                    self._insert_chunk(tail, key, _pack_block(tail), float(created))
+                else:
+                    self._db.execute("DELETE FROM chunks WHERE id = ?", (chunk_id,))
+                    self._bytes -= int(nbytes)
+                    self._depth -= int(n)
+                    self._add_gap(int(first), int(last), GAP_OVERSIZED)
+                    self._queue_event(
+                        EVENT_SPOOL_OVERSIZED,
+                        f"record seq {first} is {nbytes} bytes: too big for any batch, dropped",
+                        {"first": int(first), "last": int(last), "records": int(n), "reason": GAP_OVERSIZED},
+                    )
+                    self._count("oversized_records", int(n))
             if n > 1:
                 self._acked.pop(chunk_id, None)
                 self.stats.chunks_split += 1
