@@ -206,7 +206,17 @@ def cmd_status(args: argparse.Namespace) -> int:
         f"spool depth:  {doc.get('spool_depth', '-')} records, {doc.get('spool_bytes', '-')} bytes",
         f"last ack:     {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(last_ack)) if last_ack else '-'}",
         f"inference:    {doc.get('inference_rate', '-')} /s",
+        f"profile:      {doc.get('profile', '-')}",
     ]
+    sensors = doc.get("sensors") or {}
+    if sensors:
+        lines.append(
+            "sensors:      "
+            + ", ".join(
+                f"{name} {h.get('state')}" + (f" ({h['reason']})" if h.get("reason") else "")
+                for name, h in sorted(sensors.items())
+            )
+        )
     if doc.get("spool") and doc["spool"]["gaps"]:
         lines.append(f"open gaps:    {doc['spool']['gaps']}")
     if doc.get("spool_error"):

@@ -10,6 +10,7 @@ run as a module: ``edge-agent run``'s code path with the real drivers on bus-lev
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import socket
@@ -290,6 +291,19 @@ def test_agent_under_a_systemd_like_harness(broker: Mosquitto, notify_socket: No
         assert ((flags & (FLAG_PM_MISSING | FLAG_IMPUTED)) == (FLAG_PM_MISSING | FLAG_IMPUTED)).all()
         assert np.isnan(features[:, 4:13]).all() and np.isfinite(features[:, :4]).all()
         assert agent.proc.poll() is None and len(notify_socket.lines("READY")) == 1  # never restarted
+        status_file = tmp_path / "state" / "status.json"
+        wait_for(
+            lambda: json.loads(status_file.read_text()).get("sensors", {}).get("pms5003", {}).get("state") == "failed",
+            what="pms5003 failed in the status file",
+        )
+        shown = subprocess.run(
+            [sys.executable, "-m", "edge_agent", "status", "--config", str(config)],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            timeout=60,
+        )
+        assert "profile:      rig-v1" in shown.stdout and "pms5003 failed (disconnected)" in shown.stdout, shown
 
         # Plugged back (a new pty behind the alias): recovers without a restart.
         agent.say("plug pms5003")
@@ -339,3 +353,30 @@ def test_agent_under_a_systemd_like_harness(broker: Mosquitto, notify_socket: No
     assert set(seq.tolist()) == set(range(int(seq.max()) + 1))  # the hang and the reload lost nothing
     rates = [float(v.split(", ")[1].split()[0]) for _, v in notify_socket.lines("STATUS") if "inferences/s" in v]
     assert rates and max(rates) > 0
+
+
+def test_reload_applies_run_time_settings_and_lists_the_rest(tmp_path: Path) -> None:
+    from edge_agent.app import Agent
+    from edge_agent.config import config_from_dict
+
+    base = {"device": {"id": "reload-1", "tags": ["a"]}, "state_dir": str(tmp_path), "sensors": {"rate_hz": 10}}
+    agent = Agent(config_from_dict(base))
+    changed = json.loads(json.dumps(base))
+    changed["device"]["tags"] = ["a", "b"]
+    changed["sensors"]["rate_hz"] = 4
+    changed["uplink"] = {"batch_max_age_s": 2.0, "batch_max_records": 100}
+    changed["mqtt"] = {"url": "mqtt://elsewhere:1883"}
+    changed["log_level"] = "WARNING"
+    root = logging.getLogger()
+    level = root.level
+    try:
+        applied, restart = agent.reload(config_from_dict(changed))
+        assert root.level == logging.WARNING
+    finally:
+        root.setLevel(level)
+    assert applied == ["device.tags", "sensors.rate_hz", "uplink.batch_max_age_s", "log_level"]
+    assert restart == ["mqtt.url", "uplink.batch_max_records"]
+    cfg = agent.config
+    assert cfg.sensors.rate_hz == 4 and cfg.uplink.batch_max_age_s == 2.0 and cfg.device.tags == ["a", "b"]
+    assert cfg.mqtt.url == "mqtt://127.0.0.1:1883" and cfg.uplink.batch_max_records == 500  # still what runs
+    assert agent.reload(agent.config) == ([], [])
