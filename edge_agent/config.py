@@ -172,6 +172,12 @@ class UplinkSection(_Section):
     ack_timeout_s: float = Field(30.0, gt=0, le=3600, description="re-send a batch not acknowledged by then")
     max_inflight_batches: int = Field(8, ge=1, le=1000, description="unacknowledged batches at most")
     status_interval_s: float = Field(30.0, gt=0, le=3600, description="re-publish the retained status this often")
+    compression_level: int = Field(
+        19, ge=1, le=22, description="zstd level of live batches (a few µs per record buys ~10% fewer bytes)"
+    )
+    catchup_compression_level: int = Field(
+        3, ge=1, le=22, description="zstd level while a backlog of more than two full batches drains (throughput)"
+    )
 
 
 class ActivationsSection(_Section):

@@ -381,6 +381,12 @@ class Uplink:
         if now - self._last_status >= s.status_interval_s:
             self._publish_status(self._client)
 
+    def _compression_level(self) -> int:
+        """Strong compression for live telemetry; fast compression while a backlog drains."""
+        s = self.settings
+        backlog = self.spool.depth() > 2 * s.batch_max_records
+        return s.catchup_compression_level if backlog else s.compression_level
+
     def _publish_batch(self, batch: PendingBatch) -> str:
         payload = encode_batch(
             Batch(
@@ -396,7 +402,8 @@ class Uplink:
                 agent_version=self.agent_version,
                 blocks=batch.blocks,
                 gaps=batch.gaps,
-            )
+            ),
+            level=self._compression_level(),
         )
         body = decompressed_size(payload)
         if len(payload) > DEFAULT_LIMITS.max_payload_bytes or body > DEFAULT_LIMITS.max_decompressed_bytes:

@@ -34,7 +34,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from edge_agent.config import MqttSection, UplinkSection
 from edge_agent.spool import EVENT_SPOOL_LOSS, GAP_CRASH, Spool, _pack_block, _unpack_block, concat_blocks, merge_ranges
 from edge_agent.uplink import Uplink, clock_synced
-from shared.codec import Batch, BatchError, RecordBlock, decode_batch
+from shared.codec import Batch, BatchError, RecordBlock, decode_batch, encode_batch
 from shared.messages import Ack, DeviceEvent, Status
 from shared.topics import Kind, parse, subscription, topic
 from tests.edge_agent.test_spool import make_block
@@ -493,3 +493,37 @@ def test_real_collector_settles_a_real_uplink_exactly(
     # The collector keeps the conflicting second versions of 100-149 in quarantine, the first stored.
     assert sorted(r[0] for r in quarantined) == ["non_finite", "seq_conflict"]
     assert stats["records_conflict"] == 50
+
+
+def test_live_batches_compress_hard_and_a_backlog_drains_fast(spool: Spool) -> None:
+    uplink = make_uplink(spool, "mqtt://127.0.0.1:1", "veh-level", compression_level=19, catchup_compression_level=3)
+    fill(spool, 150)
+    spool.commit()
+    assert uplink._compression_level() == 19  # 150 records: less than two full batches of 100
+    fill(spool, 100)
+    spool.commit()
+    assert uplink._compression_level() == 3  # 250 records: a backlog
+    batch = spool.next_batch(100)
+    assert batch is not None
+    # Either level yields a payload the decoder accepts; the strong one is not larger.
+    strong = encode_batch(make_batch_from(batch), level=19)
+    fast = encode_batch(make_batch_from(batch), level=3)
+    assert len(strong) <= len(fast)
+    assert decode_batch(strong).n_records == decode_batch(fast).n_records == batch.n_records
+
+
+def make_batch_from(batch) -> Batch:
+    return Batch(
+        device_id="veh-level",
+        boot_id="b",
+        spool_epoch="e" * 16,
+        seq_first=batch.seq_first,
+        seq_last=batch.seq_last,
+        sent_at=1.7e9,
+        sent_mono=1.0,
+        clock_synced=True,
+        profile="sim-v1",
+        agent_version="0.1.0",
+        blocks=batch.blocks,
+        gaps=batch.gaps,
+    )
