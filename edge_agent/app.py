@@ -297,6 +297,7 @@ class Agent:
                 self.source.stop()
             except Exception:
                 log.exception("stopping the source failed")
+            self._queue_source_events()  # kept in the spool's outbox, published on the next start
         if self._replay_source is not None and hasattr(self._replay_source, "close"):
             self._replay_source.close()
         if self.spool is not None:

@@ -321,8 +321,17 @@ class SensorMonitor:
         return delay
 
     def closed_window(self) -> None:
-        """Record a window in which no device was open (bad, with the reason it was lost)."""
-        self.error(self._lost_reason, self._lost_detail)
+        """Record a window in which no device was open: bad, with the reason it was lost.
+
+        Before the first open attempt (another thread opens the device) the window is only
+        ``no_data``, so a slow device enumeration at start does not read as a disconnect.
+        """
+        with self._lock:
+            never_tried = self.opens == 0 and self.open_failures == 0
+        if never_tried:
+            self.no_data("the device is being opened")
+        else:
+            self.error(self._lost_reason, self._lost_detail)
 
     def should_reopen(self) -> bool:
         """Whether an open device has failed ``reopen_after`` windows in a row since it was opened."""

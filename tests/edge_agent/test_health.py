@@ -198,6 +198,16 @@ def test_reopen_after_a_run_of_failures_while_open() -> None:
     assert not m.should_reopen()  # the run before the reopen does not count against the new device
 
 
+def test_windows_before_the_first_open_attempt_are_only_no_data() -> None:
+    m, _ = monitor()
+    for _ in range(2):
+        m.closed_window()
+    assert m.bad_run == 0 and m.reasons == {}
+    m.open_failed("not_found", "no UMA-8")
+    m.closed_window()
+    assert m.bad_run == 1 and m.reasons["not_found"] == 1
+
+
 def test_closed_windows_carry_the_reason_the_device_was_lost() -> None:
     m, _ = monitor()
     m.opened()
