@@ -152,9 +152,10 @@ def test_watchdog_pings_only_while_the_loop_kicks(notify_socket: NotifySocket) -
         wait_for(lambda: len(notify_socket.pings()) >= 5, what="watchdog pings")
         assert notify_socket.lines("READY") and notify_socket.lines("READY")[0][1] == "1"
         kicking.clear()  # the loop hangs
-        time.sleep(0.1)  # at most one ping already counted for the last kicks
+        wait_for(lambda: service.withheld >= 1, what="a withheld ping")  # no kick can follow it
+        time.sleep(0.05)  # the last ping sent, if any, reaches the socket
         hung_at = len(notify_socket.pings())
-        wait_for(lambda: service.withheld >= 6, what="withheld pings")
+        wait_for(lambda: service.withheld >= 7, what="withheld pings")
         assert len(notify_socket.pings()) == hung_at
         kicking.set()  # the loop makes progress again
         wait_for(lambda: len(notify_socket.pings()) >= hung_at + 3, what="pings again")
@@ -330,9 +331,9 @@ def test_agent_under_a_systemd_like_harness(broker: Mosquitto, notify_socket: No
 
         # A hung main loop: the watchdog pings stop (systemd would kill and restart us), then resume.
         agent.say("hang")
-        time.sleep(0.4)  # a ping may already be on its way for the last iterations
-        hung = len(notify_socket.pings())
+        # Once a ping has been withheld, the loop cannot kick again: count from there.
         wait_for(lambda: "withholding the watchdog ping" in agent.log.read_text(), what="withheld ping")
+        hung = len(notify_socket.pings())
         time.sleep(1.2)  # four ping intervals
         assert len(notify_socket.pings()) == hung
         agent.say("unhang")
