@@ -7,6 +7,7 @@ which file and field). Logs go to stderr (``--log-level``); a command's own outp
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import logging
 import signal
@@ -60,6 +61,9 @@ def run_service(
     watchdog only while the main loop makes progress, sends ``STATUS=`` lines, ``RELOADING=1``
     around a reload and ``STOPPING=1`` before the clean stop (spool flushed, ``stopped`` published).
     """
+    # The watchdog kills a hung agent with SIGABRT: faulthandler writes every thread's stack to the
+    # journal first, which shows where the loop hung.
+    faulthandler.enable()
     stop = threading.Event()
     reload_requested = threading.Event()
     # Handlers first: a SIGHUP during a slow start must not kill the process (its default action).
