@@ -168,7 +168,12 @@ class UplinkSection(_Section):
     batch_max_records: int = Field(
         500, ge=1, le=DEFAULT_LIMITS.max_records, description="send when this many records wait"
     )
-    batch_max_age_s: float = Field(5.0, gt=0, le=3600, description="send when the oldest waiting record is older")
+    batch_max_age_s: float = Field(
+        60.0,
+        gt=0,
+        le=3600,
+        description="send when the oldest waiting record is older (bigger batches cost fewer bytes per record)",
+    )
     ack_timeout_s: float = Field(30.0, gt=0, le=3600, description="re-send a batch not acknowledged by then")
     max_inflight_batches: int = Field(8, ge=1, le=1000, description="unacknowledged batches at most")
     status_interval_s: float = Field(30.0, gt=0, le=3600, description="re-publish the retained status this often")
@@ -176,7 +181,7 @@ class UplinkSection(_Section):
         19, ge=1, le=22, description="zstd level of live batches (a few µs per record buys ~10% fewer bytes)"
     )
     catchup_compression_level: int = Field(
-        3, ge=1, le=22, description="zstd level while a backlog of more than two full batches drains (throughput)"
+        3, ge=1, le=22, description="zstd level while a backlog of more than ten full batches drains (throughput)"
     )
 
 

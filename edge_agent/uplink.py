@@ -384,7 +384,7 @@ class Uplink:
     def _compression_level(self) -> int:
         """Strong compression for live telemetry; fast compression while a backlog drains."""
         s = self.settings
-        backlog = self.spool.depth() > 2 * s.batch_max_records
+        backlog = self.spool.depth() > 10 * s.batch_max_records
         return s.catchup_compression_level if backlog else s.compression_level
 
     def _publish_batch(self, batch: PendingBatch) -> str:

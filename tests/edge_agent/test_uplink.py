@@ -497,12 +497,12 @@ def test_real_collector_settles_a_real_uplink_exactly(
 
 def test_live_batches_compress_hard_and_a_backlog_drains_fast(spool: Spool) -> None:
     uplink = make_uplink(spool, "mqtt://127.0.0.1:1", "veh-level", compression_level=19, catchup_compression_level=3)
-    fill(spool, 150)
+    fill(spool, 1000)
     spool.commit()
-    assert uplink._compression_level() == 19  # 150 records: less than two full batches of 100
+    assert uplink._compression_level() == 19  # 1,000 records: ten full batches of 100 at most
     fill(spool, 100)
     spool.commit()
-    assert uplink._compression_level() == 3  # 250 records: a backlog
+    assert uplink._compression_level() == 3  # 1,100 records: a backlog
     batch = spool.next_batch(100)
     assert batch is not None
     # Either level yields a payload the decoder accepts; the strong one is not larger.
