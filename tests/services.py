@@ -71,6 +71,7 @@ class Mosquitto:
     folder: Path
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
+    restarts: int = 0
 
     @property
     def url(self) -> str:
@@ -92,19 +93,30 @@ class Mosquitto:
         if binary is None:
             raise ServiceUnavailable("mosquitto binary not found (Debian package 'mosquitto')")
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen(
-            [binary, "-c", str(self._config())], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-        try:
-            wait_port(self.port)
-        except TimeoutError:
-            log = (self.folder / "mosquitto.log").read_text() if (self.folder / "mosquitto.log").exists() else ""
-            self.stop(signal.SIGKILL)
-            raise ServiceUnavailable(f"mosquitto did not start: {log[-2000:]}") from None
-        return self
+        for _attempt in range(5):
+            self.proc = subprocess.Popen(
+                [binary, "-c", str(self._config())], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            )
+            try:
+                wait_port(self.port)
+            except TimeoutError:
+                log = (self.folder / "mosquitto.log").read_text() if (self.folder / "mosquitto.log").exists() else ""
+                self.stop(signal.SIGKILL)
+                raise ServiceUnavailable(f"mosquitto did not start: {log[-2000:]}") from None
+            # Something else may have taken the free port between free_port() and our bind: then
+            # the port answers but our broker has exited. Only a first start may move to a new port
+            # (a restart must keep the port the clients know).
+            time.sleep(0.1)
+            if self.proc.poll() is None:
+                return self
+            if self.restarts:
+                break
+            self.port = free_port()
+        raise ServiceUnavailable(f"mosquitto exited right after starting (port {self.port} taken?)")
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> None:
         """Stop with ``sig`` (SIGTERM saves persistence; SIGKILL loses what was not autosaved)."""
+        self.restarts += 1  # the next start() is a restart: it must keep its port
         if self.proc is None or self.proc.poll() is not None:
             return
         self.proc.send_signal(sig)
