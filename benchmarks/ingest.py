@@ -457,34 +457,12 @@ def backend_pids(admin_url: str, databases: list[str]) -> list[int]:
 # ---------------------------------------------------------------------------------- COPY ceiling
 
 
-def _copy_tuples(fields: list[tuple[np.dtype | None, Any]], n: int) -> bytes:
-    """``n`` binary COPY tuples whose fields all have a fixed size (dtype None: NULL)."""
-    layout: list[tuple[str, Any]] = [("count", ">i2")]
-    for i, (dtype, _value) in enumerate(fields):
-        layout.append((f"l{i}", ">i4"))
-        if dtype is not None and dtype.itemsize:
-            layout.append((f"v{i}", dtype))
-    out = np.empty(n, dtype=np.dtype(layout))
-    out["count"] = len(fields)
-    for i, (dtype, value) in enumerate(fields):
-        out[f"l{i}"] = -1 if dtype is None else dtype.itemsize
-        if dtype is not None and dtype.itemsize:
-            out[f"v{i}"] = value
-    return out.tobytes()
-
-
 def copy_stream(rows: Any) -> bytes:
     """Binary COPY tuples of one block of :class:`InferenceRows` for the ``inference`` columns."""
-    from collector.ingest.bulk import INFERENCE_COLUMNS
+    from collector.ingest.bulk import INFERENCE_COLUMNS, copy_bytea, copy_text, copy_tuples
 
     assert INFERENCE_COLUMNS[10] == "label" and INFERENCE_COLUMNS[17] == "act_sample"
-
-    def text(value: str) -> tuple[np.dtype, bytes]:
-        raw = value.encode()
-        return np.dtype(f"S{len(raw)}"), raw
-
-    def blob(arr: np.ndarray) -> tuple[np.dtype, np.ndarray]:
-        return np.dtype((np.uint8, (arr.shape[1],))), arr
+    text, blob = copy_text, copy_bytea
 
     parts = []
     labelled = rows.label >= 0
@@ -518,7 +496,7 @@ def copy_stream(rows: Any) -> bytes:
                 (np.dtype(">i4"), r.sensor_flags),
                 (np.dtype(">i8"), r.digest),
             ]
-            parts.append(_copy_tuples(fields, len(r)))
+            parts.append(copy_tuples(fields, len(r)))
     return b"".join(parts)
 
 

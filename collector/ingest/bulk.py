@@ -372,12 +372,13 @@ _COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + struct.pack(">ii", 0, 0)
 _COPY_TRAILER = struct.pack(">h", -1)
 
 
-def _text(value: str) -> tuple[np.dtype, bytes]:
+def copy_text(value: str) -> tuple[np.dtype, bytes]:
+    """A text field of binary COPY whose value is the same in every row."""
     raw = value.encode("utf-8")
     return np.dtype(f"S{len(raw)}"), raw
 
 
-def _tuples(fields: list[tuple[np.dtype | None, Any]], n: int) -> bytes:
+def copy_tuples(fields: list[tuple[np.dtype | None, Any]], n: int) -> bytes:
     """``n`` binary COPY tuples whose every field has the same size in every row (None dtype: NULL)."""
     layout: list[tuple[str, Any]] = [("count", ">i2")]
     for i, (dtype, _value) in enumerate(fields):
@@ -396,7 +397,8 @@ def _tuples(fields: list[tuple[np.dtype | None, Any]], n: int) -> bytes:
     return out.tobytes()
 
 
-def _bytea(rows: np.ndarray) -> tuple[np.dtype, np.ndarray]:
+def copy_bytea(rows: np.ndarray) -> tuple[np.dtype, np.ndarray]:
+    """A bytea field of binary COPY from equal-length byte rows ``[n, width]``."""
     return np.dtype((np.uint8, (rows.shape[1],))), rows
 
 
@@ -411,12 +413,12 @@ def _copy_stream(b: InferenceRows, ords: np.ndarray) -> bytes:
         rows = b if mask.all() else b.take(mask)
         fields: list[tuple[np.dtype | None, Any]] = [
             (np.dtype(">i4"), ords[mask]),
-            _text(b.device_id),
-            _text(b.spool_epoch),
+            copy_text(b.device_id),
+            copy_text(b.spool_epoch),
             (np.dtype(">i8"), rows.seq),
-            _text(b.role),
-            _text(b.model_name),
-            _text(b.model_version),
+            copy_text(b.role),
+            copy_text(b.model_name),
+            copy_text(b.model_version),
             (np.dtype(">f8"), rows.ts),
             (np.dtype(">f8"), rows.ts_corrected),
             (np.dtype(">f8"), b.received_at),
@@ -424,17 +426,17 @@ def _copy_stream(b: InferenceRows, ords: np.ndarray) -> bytes:
             (np.dtype(">i2"), rows.label),
             (np.dtype(">f4"), rows.confidence),
             (np.dtype(">f4"), rows.calibrated),
-            _bytea(rows.probs),
-            _bytea(rows.features),
-            _text(b.features_dtype),
-            _bytea(rows.act_bits),
-            _bytea(rows.act_sample) if with_sample else (None, None),
+            copy_bytea(rows.probs),
+            copy_bytea(rows.features),
+            copy_text(b.features_dtype),
+            copy_bytea(rows.act_bits),
+            copy_bytea(rows.act_sample) if with_sample else (None, None),
             (np.dtype(">i4"), rows.coact),
             (np.dtype(">f4"), rows.latency_us),
             (np.dtype(">i4"), rows.sensor_flags),
             (np.dtype(">i8"), rows.digest),
         ]
-        parts.append(_tuples(fields, len(rows)))
+        parts.append(copy_tuples(fields, len(rows)))
     return b"".join(parts)
 
 
