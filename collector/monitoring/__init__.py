@@ -1,0 +1,1 @@
+"""Fleet monitoring: drift statistics, performance estimates, sequential detectors and window sketches."""
