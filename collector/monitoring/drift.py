@@ -222,11 +222,13 @@ def binned_ks(
 def ks_columns(reference: np.ndarray, current: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Raw two-sample KS of every column of ``[n, F]`` against ``[m, F]`` at once: (D, asymptotic p-value).
 
-    One sort of the stacked columns: walking the merged order, the reference CDF steps by ``1/n``
-    and the current by ``1/m``; the CDFs are compared only after the last of tied values, as
-    ``scipy.stats.ks_2samp`` does, so D equals scipy's exactly. The p-value is scipy's asymptotic
-    one (``kstwo`` at ``round(n m / (n + m))``); scipy's default switches to the exact distribution
-    for samples up to 10,000, which differs only in the far tail of small samples.
+    Both samples are sorted per column in one call each; the two empirical CDFs are then read at
+    every observed value with ``searchsorted(side="right")``, which counts ties fully, so D equals
+    ``scipy.stats.ks_2samp``'s exactly (compared in integers, ``|F_n m n - F_m m n|``, to avoid
+    rounding before the max). A per-column ``searchsorted`` on the sorted halves costs about half of
+    one ``argsort`` of the stacked columns. The p-value is scipy's asymptotic one (``kstwo`` at
+    ``round(n m / (n + m))``); scipy's default uses the exact distribution for samples up to 10,000,
+    which differs only in the far tail of small samples.
     """
     a = np.asarray(reference, dtype=np.float64)
     b = np.asarray(current, dtype=np.float64)
@@ -239,16 +241,13 @@ def ks_columns(reference: np.ndarray, current: np.ndarray) -> tuple[np.ndarray, 
         raise ValueError("both samples need at least one row")
     if not (np.isfinite(a).all() and np.isfinite(b).all()):
         raise ValueError("samples contain non-finite values; drop them per column and use ks_exact")
-    x = np.concatenate([a, b], axis=0)
-    order = np.argsort(x, axis=0, kind="stable")
-    xs = np.take_along_axis(x, order, axis=0)
-    from_ref = order < n
-    cum_ref = np.cumsum(from_ref, axis=0)
-    cum_cur = np.arange(1, n + m + 1)[:, None] - cum_ref
-    diff = np.abs(cum_ref * m - cum_cur * n)  # integers: no rounding before the max
-    last_of_tie = np.ones_like(from_ref)
-    last_of_tie[:-1] = xs[1:] != xs[:-1]
-    d = np.where(last_of_tie, diff, 0).max(axis=0) / (n * m)
+    sa, sb = np.sort(a.T, axis=1), np.sort(b.T, axis=1)
+    d = np.empty(a.shape[1])
+    for col in range(a.shape[1]):
+        at = np.concatenate([sa[col], sb[col]])
+        below_a = np.searchsorted(sa[col], at, side="right")
+        below_b = np.searchsorted(sb[col], at, side="right")
+        d[col] = np.abs(below_a * m - below_b * n).max() / (n * m)
     return d, _kolmogorov_sf(d, np.full(d.shape, n), np.full(d.shape, m))
 
 
@@ -652,6 +651,7 @@ class _Raw:
     signals: list[TestResult]
 
     def p_values(self, thr: DriftThresholds) -> np.ndarray:
+        """Feature KS p-values then model-signal p-values; NaN where a test abstained."""
         enough = (self.n_ref >= thr.min_reference) & (self.n_cur >= thr.min_current)
         fp = np.where(enough, self.ks_p, np.nan)
         sp = [np.nan if s.p_value is None else s.p_value for s in self.signals]
