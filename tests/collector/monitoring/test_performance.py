@@ -96,7 +96,7 @@ def test_normal_interval_from_sufficient_statistics() -> None:
 def test_normal_interval_is_clipped_to_unit_range() -> None:
     est = expected_accuracy(ConfidenceStats.from_confidences(np.full(50, 0.999)))
     assert est.high == 1.0
-    assert 0.9 <= est.low <= 1.0
+    assert est.low is not None and 0.9 <= est.low <= 1.0
     certain = expected_accuracy(ConfidenceStats.from_confidences(np.ones(50)))
     assert (certain.low, certain.high) == (1.0, 1.0)
 
