@@ -365,7 +365,9 @@ def mean_shift_test(
     records the normal approximation of Welch's t is exact enough. The statistic is the shift of
     the mean (for calibrated confidence: the change in expected accuracy). ``drift`` needs
     ``p < alpha`` *and* ``|shift| >= min_shift``: with the large windows of a fleet scope a
-    shift of a tenth of a point is significant but not worth an alert.
+    shift of a tenth of a point is significant but not worth an alert. Exact current moments (from
+    running sums) are deliberately not mixed in: the bundle keeps only the reference histogram, and
+    the midpoint error cancels only when both sides carry it.
     """
     n, mr, vr = binned_moments(reference_counts, edges)
     m, mc, vc = binned_moments(current_counts, edges)

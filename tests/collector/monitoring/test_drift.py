@@ -153,18 +153,26 @@ def test_ks_columns_refuses_nan() -> None:
 
 
 def test_binned_ks_agrees_with_exact_ks_on_seeded_normals() -> None:
+    """20 quantile bins (the trainer's default) against scipy's exact test, 5,000 vs 1,000 records.
+
+    A third of the windows unchanged, a third shifted by up to 0.25 sd (where the exact test's
+    power goes from 5 % to 100 %, the hard region), a third by 0.25-0.5 sd.
+    """
     rng = np.random.default_rng(2026)
-    trials = 200
-    shifts = rng.uniform(0.0, 0.25, size=trials)
-    agree = 0
+    shifts = np.concatenate([np.zeros(100), rng.uniform(0.0, 0.25, 100), rng.uniform(0.25, 0.5, 100)])
+    binned, exact = [], []
     for shift in shifts:
         ref = rng.normal(size=5000)
         cur = rng.normal(loc=shift, size=1000)
         edges = quantile_edges(ref, 20)
         _, p = binned_ks(bin_counts(ref, edges), bin_counts(cur, edges))
-        exact = stats.ks_2samp(ref, cur)
-        agree += (float(p) < 0.05) == (exact.pvalue < 0.05)
-    assert agree / trials >= 0.95
+        binned.append(float(p) < 0.05)
+        exact.append(stats.ks_2samp(ref, cur).pvalue < 0.05)
+    b, e = np.array(binned), np.array(exact)
+    assert np.mean(b == e) >= 0.95
+    assert np.mean(b[100:200] == e[100:200]) >= 0.9
+    # Binning only hides differences inside a bin: where they disagree, the binned test is the one that missed.
+    assert not (b & ~e).any()
 
 
 def test_ks_exact_wrapper() -> None:
