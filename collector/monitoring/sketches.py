@@ -24,8 +24,9 @@ What a sketch holds
   repeated and stuck values; seq gaps; clock skew and delivery delay.
 
 PCA reconstruction error is computed as the trainer computes it: inputs normalised in float32 as
-``(x - mean) / std`` with the manifest's normalisation, a missing (NaN) input imputed with the
-reference mean (normalised value 0, what :func:`shared.features.impute` feeds the model), then
+``(x - mean) / std`` with the manifest's normalisation, a missing (NaN or Inf) input first imputed
+with its reference mean as the agent does before inference (normalised value 0 for a bundle from
+the reference trainer, whose normalisation mean is that mean), then
 :func:`collector.training.reference.reconstruction_error` with the manifest's components.
 
 Stream-order counters
@@ -120,6 +121,7 @@ class ReferenceBins:
     pca_edges: np.ndarray
     norm_mean: np.ndarray  # float32 [F]
     norm_std: np.ndarray  # float32 [F]
+    impute_mean: np.ndarray  # float32 [F]: what the agent feeds the model for a missing input
     components: np.ndarray  # float64 [k, F]
     pca_p99: float
     coact_p99: float
@@ -186,6 +188,7 @@ class ReferenceBins:
             pca_edges=np.asarray(ref.pca.error_histogram.edges, dtype=np.float64),
             norm_mean=np.asarray(manifest.normalisation.mean, dtype=np.float32),
             norm_std=np.asarray(manifest.normalisation.std, dtype=np.float32),
+            impute_mean=np.asarray([f.mean for f in ref.features], dtype=np.float32),
             components=np.asarray(ref.pca.components, dtype=np.float64).reshape(-1, len(edges)),
             pca_p99=float(ref.pca.error_p99),
             coact_p99=float(ref.coactivation.p99),
@@ -588,10 +591,10 @@ def _per_record(
         repeat[1:] = x[1:] == x[:-1]
     stuck = _stuck(bins, repeat)
 
-    # PCA error on normalised inputs, missing inputs imputed with the reference mean (z = 0).
-    z = (x - bins.norm_mean) / bins.norm_std
-    if not all_finite:
-        z = np.where(finite, z, np.float32(0.0))
+    # PCA error on what the model saw: missing inputs imputed with the reference means as the agent
+    # does, then normalised in float32 like the trainer and the agent.
+    filled = x if all_finite else np.where(finite, x, bins.impute_mean)
+    z = (filled - bins.norm_mean) / bins.norm_std
     pca = reconstruction_error(z, bins.components)
 
     pred = np.asarray(cols.pred).astype(np.int64)
@@ -621,6 +624,8 @@ def _per_record(
     tsc = cols.ts_corrected
     if tsc.shape != (n,) or cols.ts.shape != (n,):
         raise SketchError("column_length", "ts and ts_corrected must have one value per record")
+    if not (np.isfinite(tsc).all() and np.isfinite(cols.ts).all() and math.isfinite(cols.received_at)):
+        raise SketchError("bad_timestamp", "ts, ts_corrected and received_at must be finite")
     return _PerRecord(
         slot=slot,
         x0=x0,

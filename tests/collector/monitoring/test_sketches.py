@@ -38,6 +38,7 @@ NAMES = ["temperature_c", "humidity_pct", "audio_flatness"]
 EDGES = [[0.0, 1.0, 2.0, 3.0], [-10.0, 0.0, 10.0], [0.0, 0.5, 1.0, 1.5, 2.0]]
 MEAN = [1.0, 0.0, 1.0]
 STD = [1.0, 5.0, 0.5]
+REF_MEAN = 1.5  # what the agent imputes for a missing input (here unlike the normalisation mean)
 COMPONENTS = [[0.6, 0.8, 0.0]]
 T0 = 1_759_999_500.0  # a multiple of 10 s and of 900 s: windows start on it
 
@@ -67,7 +68,7 @@ def small_manifest() -> Manifest:
         "reference": {
             "n_samples": 10,
             "features": [
-                {"name": n, "mean": 0.0, "std": 1.0, "min": e[0], "max": e[-1], "histogram": hist(e)}
+                {"name": n, "mean": REF_MEAN, "std": 1.0, "min": e[0], "max": e[-1], "histogram": hist(e)}
                 for n, e in zip(NAMES, EDGES, strict=True)
             ],
             "class_priors": [0.3, 0.3, 0.4],
@@ -156,11 +157,11 @@ def test_classes_labels_and_confidence(bins: ReferenceBins) -> None:
 def test_pca_error_and_coactivation_match_a_direct_computation(bins: ReferenceBins) -> None:
     rng = np.random.default_rng(4)
     x = rng.normal(1.0, 1.0, (40, 3)).astype(np.float32)
-    x[3, 2] = np.nan  # imputed with the reference mean: normalised value 0
+    x[3, 2] = np.nan  # the agent feeds the model the reference mean instead
     coact = rng.integers(0, 4, 40).astype(np.uint16)
     s = sketch_block(bins, block(x, coact=coact), received_at=T0)
     z = (x.astype(np.float64) - MEAN) / STD
-    z[3, 2] = 0.0
+    z[3, 2] = (REF_MEAN - MEAN[2]) / STD[2]
     v = np.array(COMPONENTS)
     err = ((z - z @ v.T @ v) ** 2).mean(axis=1)
     assert math.isclose(s.pca_sum, err.sum(), rel_tol=1e-5)
@@ -220,6 +221,19 @@ def test_bad_records_give_specific_errors(bins: ReferenceBins) -> None:
     assert err.value.reason == "feature_count"
     with pytest.raises(ValueError, match="received_at"):
         sketch_block(bins, block(np.zeros((4, 3), np.float32)))
+    with pytest.raises(SketchError) as err:
+        sketch_block(bins, block(np.zeros((4, 3), np.float32)), received_at=T0, ts_corrected=np.full(4, np.nan))
+    assert err.value.reason == "bad_timestamp"
+
+
+def test_infinite_inputs_count_as_missing_and_an_empty_block_is_the_empty_sketch(bins: ReferenceBins) -> None:
+    x = np.array([[np.inf, 1.0, 0.5], [1.0, -np.inf, 0.5]], np.float32)
+    s = sketch_block(bins, block(x), received_at=T0)
+    assert s.feature_nan.tolist() == [1, 1, 0] and s.feature_hist.sum(axis=1).tolist() == [1, 1, 2]
+    assert s.feature_sum.tolist() == [1.0, 1.0, 1.0] and s.records_missing == 2
+    empty = sketch_block(bins, block(np.zeros((0, 3), np.float32)), received_at=T0)
+    assert empty.same_as(WindowSketch.empty(bins))
+    assert split_by_window(bins, block(np.zeros((0, 3), np.float32)), 10.0, received_at=T0) == {}
 
 
 # ----------------------------------------------------------------------------------- merging
