@@ -38,10 +38,15 @@ block* (a record's predecessor in an earlier block is not seen: across blocks bo
   Environmental sensors update at about 1 Hz while the model runs at about 10 Hz, so repeats are
   normal for them; the counter is a rate to compare, not an alarm.
 * ``feature_stuck[f]``: records that end a run of at least ``stuck_run`` identical consecutive
-  values (default 600, a minute at 10 Hz), counted only for features that *should vary*: by
-  default those whose reference histogram kept its full number of quantile bins, i.e. no single
-  value held 1/bins or more of the training records (quantised readings such as particle counts
-  that sit at 0 in clean air are excluded). A run of length ``L`` adds ``L - stuck_run + 1``.
+  values (default 200: 20 s at 10 Hz, twenty fresh readings of a 1 Hz sensor, bit for bit the
+  same), counted only for features that *should vary*. By default those are the features whose
+  reference histogram kept its full number of quantile bins (no single value held 1/bins or more
+  of the training records: quantised readings such as particle counts that sit at 0 in clean air
+  are exempt) and whose spread float16, the usual wire form, resolves (its spacing at
+  ``|mean| + std`` is at most a tenth of the reference std: cabin pressure, ~1013 hPa with a std of
+  0.2 hPa against a float16 step of 0.5 hPa, is exempt). A run of length ``L`` adds
+  ``L - stuck_run + 1``. Runs are cut at block boundaries (the agent sends at most
+  ``batch_max_records``, 500 by default, per batch), so ``stuck_run`` must stay well below that.
 * ``seq_missing``/``seq_gaps``: seqs absent between consecutive records of the block (and from
   ``all_seqs``, the seqs of every block of the batch, when given: an active block interleaved with
   a shadow block skips the shadow's seqs without losing anything), and the number of such holes.
@@ -74,7 +79,8 @@ from shared.profile import HardwareProfile
 
 DEFAULT_WINDOW_S: Final = 900.0
 DAY_S: Final = 86_400.0
-DEFAULT_STUCK_RUN: Final = 600
+DEFAULT_STUCK_RUN: Final = 200
+FLOAT16_QUANTUM_SHARE: Final = 0.1
 FLAG_BITS: Final = 16
 SKETCH_FORMAT: Final = 1
 MAX_SKETCH_BYTES: Final = 16 * 1024 * 1024
@@ -167,7 +173,12 @@ class ReferenceBins:
         for f, e in enumerate(edges):
             inner[f, : e.size - 2] = e[1:-1]
         if vary is None:
-            vary_mask = nbins == width
+            # Should vary: no value held 1/bins of the training records (the quantile edges kept the full
+            # count), and float16, the usual wire form, resolves a tenth of the feature's spread.
+            scale = np.array([abs(f.mean) + f.std for f in ref.features], dtype=np.float16)
+            quantum = np.spacing(np.abs(scale)).astype(np.float64)
+            spread = np.array([f.std for f in ref.features], dtype=np.float64)
+            vary_mask = (nbins == width) & (quantum <= FLOAT16_QUANTUM_SHARE * spread)
         else:
             vary_mask = np.asarray(vary, dtype=bool)
             if vary_mask.shape != (len(edges),):

@@ -200,7 +200,7 @@ def test_data_quality_counters(bins: ReferenceBins) -> None:
     assert s.feature_repeat.tolist() == [5, 2, 1]  # NaN never repeats
     # A run of 6 equal temperatures with stuck_run 3 adds 6 - 3 + 1 = 4; humidity's runs are 2 long.
     assert s.feature_stuck.tolist() == [4, 0, 0]
-    # The default bins: audio_flatness and humidity are not exempt, but no run reaches 600 records.
+    # The default bins: only audio_flatness should vary (the others have merged bins), and no run is 200 long.
     assert sketch_block(bins, b, received_at=T0).feature_stuck.tolist() == [0, 0, 0]
     assert (s.seq_missing, s.seq_gaps) == (3, 2)
     # Seq 13, 14 and 17 travelled in another block of the batch (a shadow model): nothing is missing.
@@ -398,8 +398,28 @@ def test_real_bundle_bins_match_the_reference_binning_and_cost(cabin: Manifest) 
         assert s16.feature_hist[f, nb:].sum() == 0
     assert s16.feature_nan.sum() == int(np.isnan(x).sum()) > 0
     assert s16.n == 500 and s16.class_counts.sum() == 500
-    # The particle features with merged quantile bins are exempt from stuck-value counting.
-    assert not bins.vary.all() and bins.vary.sum() >= 30
+    # Exempt from stuck-value counting: the particle features with merged quantile bins, and pressure,
+    # whose std float16 cannot resolve.
+    exempt = [n for n, v in zip(cabin.features, bins.vary, strict=True) if not v]
+    assert exempt == [
+        "pressure_hpa",
+        "pm1_ug_m3",
+        "pm25_ug_m3",
+        "pm10_ug_m3",
+        "particles_gt_0_3um_log10",
+        "particles_gt_2_5um_log10",
+        "particles_gt_5_0um_log10",
+        "particles_gt_10_0um_log10",
+    ]
+    # A microphone frozen for 300 of the 500 records: 300 - 200 + 1 records end a run of >= 200 equal values;
+    # pressure frozen just as long is not counted.
+    frozen = x.copy()
+    rms, pressure = cabin.features.index("audio_rms_dbfs"), cabin.features.index("pressure_hpa")
+    frozen[100:400, rms] = -120.0
+    frozen[100:400, pressure] = 1013.0
+    s = sketch_block(bins, dataclasses.replace(rows16, features=np.ascontiguousarray(frozen).view(np.uint8)))
+    assert s.feature_stuck[rms] == 101 and s.feature_stuck.sum() == 101
+    assert s.feature_repeat[rms] == 299 and s.feature_repeat[pressure] >= 299  # float16 pressure repeats anyway
 
     for name, rows in (("float16", rows16), ("float32", rows32)):
         sketch_block(bins, rows)
