@@ -306,6 +306,12 @@ class WindowSketch:
     def __add__(self, other: WindowSketch) -> WindowSketch:
         return merge(self, other)
 
+    def __radd__(self, other: int) -> WindowSketch:
+        # ``sum(sketches)`` starts from 0.
+        if other == 0:
+            return self
+        return NotImplemented
+
     @property
     def n_features(self) -> int:
         """Features the sketch was made for."""
@@ -426,7 +432,11 @@ def _array(name: str, v: Any) -> np.ndarray:
 
 
 def merge(a: WindowSketch, b: WindowSketch) -> WindowSketch:
-    """The sketch of the records of ``a`` and ``b`` together (sums add, minima and maxima combine)."""
+    """The sketch of the records of ``a`` and ``b`` together (sums add, minima and maxima combine).
+
+    Only sketches made with the same :class:`ReferenceBins` (one model version) mean anything
+    together; differing shapes raise :class:`SketchError`, equal shapes cannot be told apart.
+    """
     values: dict[str, Any] = {}
     for f in dataclasses.fields(a):
         x, y = getattr(a, f.name), getattr(b, f.name)

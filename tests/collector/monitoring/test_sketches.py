@@ -121,7 +121,7 @@ def test_bins_at_edges_beyond_outer_edges_and_nan(bins: ReferenceBins, dtype: ty
     f0 = [-5.0, 0.0, 0.5, 1.0, 2.0, 2.5, 3.0, 100.0, np.nan]
     f1 = [-11.0, -10.0, -0.5, 0.0, 5.0, 10.0, 11.0, np.nan, np.nan]
     f2 = [0.0, 0.25, 0.5, 1.0, 1.25, 1.5, 2.0, 3.0, -1.0]
-    x = np.array([f0, f1, f2], dtype=dtype).T
+    x: np.ndarray = np.array([f0, f1, f2], dtype=dtype).T
     s = sketch_block(bins, block(x), received_at=T0 + 5)
     assert s.n == 9
     assert s.feature_hist.tolist() == [[3, 1, 4, 0], [3, 4, 0, 0], [3, 1, 2, 3]]
@@ -262,6 +262,7 @@ def test_merge_is_associative_commutative_and_has_an_identity(bins: ReferenceBin
     assert (WindowSketch.empty(bins) + a).same_as(a)
     assert merge_all([a, b, c]).same_as(merge(merge(a, b), c))
     assert merge_all([], bins).same_as(WindowSketch.empty(bins))
+    assert sum([a, b, c]).same_as(a + b + c)  # type: ignore[union-attr]
     assert (a + b).n == 60 and not (a + b).same_as(a)
 
 
