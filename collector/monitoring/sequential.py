@@ -288,7 +288,11 @@ class StreamDetectors:
             if stamps.shape != arr.shape:
                 raise ValueError(f"{arr.size} values but {stamps.size} timestamps")
         if now is None:
-            now = float(np.nanmax(stamps)) if stamps is not None and stamps.size else self.clock()
+            # A block with no usable timestamp must not set "now" to NaN: every stream would look idle.
+            good = stamps[np.isfinite(stamps)] if stamps is not None else np.empty(0)
+            now = float(good.max()) if good.size else self.clock()
+        elif not math.isfinite(now):
+            raise ValueError(f"now must be a finite time in seconds, got {now!r}")
         finite = np.isfinite(arr)
         if not finite.all():
             self.n_skipped += int(arr.size - np.count_nonzero(finite))
@@ -316,7 +320,7 @@ class StreamDetectors:
                 signal=signal,
                 direction=direction,
                 method=spec.method,
-                at=float(stamps[i]) if stamps is not None else now,
+                at=float(stamps[i]) if stamps is not None and math.isfinite(stamps[i]) else now,
                 index=start + i,
                 value=float(arr[i]),
             )

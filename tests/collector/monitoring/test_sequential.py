@@ -199,4 +199,16 @@ def test_parameters_are_validated() -> None:
         d.update_many("dev", "m1", [0.5], signal="loss")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="timestamps"):
         d.update_many("dev", "m1", [0.5, 0.6], signal="calibrated", times=[1.0])
+    with pytest.raises(ValueError, match="finite time"):
+        d.update_many("dev", "m1", [0.5], signal="calibrated", now=float("nan"))
     assert d.update_many("dev", "m1", np.array([]), signal="calibrated", now=1.0) == []
+
+
+def test_missing_timestamps_do_not_evict_everything() -> None:
+    calibrated, _ = step_streams(42)
+    d = detectors("page_hinkley", clock=lambda: 50.0)
+    d.update_many("other", "m1", [0.9], signal="calibrated", now=40.0)
+    times = np.full(calibrated.size, np.nan)
+    alarms = d.update_many("dev", "m1", calibrated, signal="calibrated", times=times)
+    assert [(a.index, a.at) for a in alarms] == [(1095, 50.0)]
+    assert len(d) == 2 and d.n_evicted == 0
