@@ -116,6 +116,20 @@ class Settings(BaseSettings):
         description="Bytes of an invalid payload kept in the quarantine table (its size and sha256 are always kept). "
         "A valid payload the database refused (store_failed) is kept whole.",
     )
+    monitoring_enabled: bool = Field(
+        True, description="Sketch newly ingested records into per-window monitoring histograms (monitoring_window)."
+    )
+    monitoring_bundles: list[Path] = Field(
+        default_factory=list,
+        description="Model bundles whose reference bins ingest sketches against (as a JSON array in "
+        "FLEET_MONITORING_BUNDLES). Records of other model versions are counted, not sketched.",
+    )
+    monitoring_trusted_keys: list[Path] = Field(
+        default_factory=list,
+        description="Public key files the monitoring bundles' signatures are checked against; without any, "
+        "no bundle is loaded.",
+    )
+    monitoring_window_s: float = Field(900.0, ge=1, description="Length of a monitoring window in seconds.")
     auto_migrate: bool = Field(True, description="Upgrade the database schema to the newest migration at start.")
     http_host: str = Field("127.0.0.1", description="Address the HTTP API and dashboard listen on.")
     http_port: int = Field(8000, ge=1, le=65535, description="Port the HTTP API and dashboard listen on.")

@@ -18,6 +18,10 @@ INGEST_QUARANTINED = Counter(
 INGEST_DECLARED_LOST = Counter(
     "fleet_ingest_declared_lost_records_total", "Records devices declared lost (spool_full, crash), first report only."
 )
+MONITORING_UNSKETCHED = Counter(
+    "fleet_monitoring_unsketched_records_total",
+    "Inserted records not sketched into monitoring windows: their model version has no known bundle.",
+)
 INGEST_COMMITS = Counter("fleet_ingest_commits_total", "Ingest transactions committed.")
 INGEST_COMMIT_FAILURES = Counter(
     "fleet_ingest_commit_failures_total", "Ingest transactions that failed (retried, messages not acknowledged)."

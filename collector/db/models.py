@@ -180,3 +180,28 @@ class DeviceEvent(SQLModel, table=True):
     message: str = Field("", sa_type=sa.Text())
     data: dict[str, Any] = Field(default_factory=dict, sa_type=JSONType)
     received_at: float = Field(sa_type=sa.Double())
+
+
+class MonitoringWindow(SQLModel, table=True):
+    """The merged :class:`~collector.monitoring.sketches.WindowSketch` of one device, model version, role and window.
+
+    Written by ingest in the transaction that stores the records, from the newly inserted records
+    only, so it holds each record exactly once. ``window_start`` is a multiple of ``window_s``
+    (collector-corrected time, seconds since the epoch).
+    """
+
+    __tablename__ = "monitoring_window"
+    __table_args__ = (
+        sa.Index("ix_monitoring_window_model_start", "model_name", "model_version", "window_start"),
+        sa.Index("ix_monitoring_window_start", "window_start"),
+    )
+
+    device_id: str = Field(primary_key=True, sa_type=sa.String(ID_LEN))
+    model_name: str = Field(primary_key=True, sa_type=sa.String(NAME_LEN))
+    model_version: str = Field(primary_key=True, sa_type=sa.String(NAME_LEN))
+    role: str = Field(primary_key=True, sa_type=sa.String(16))
+    window_start: float = Field(primary_key=True, sa_type=sa.Double())
+    window_s: float = Field(primary_key=True, sa_type=sa.Double())
+    n: int = Field(0, sa_type=sa.BigInteger(), description="records merged into the sketch")
+    sketch: bytes = Field(sa_type=sa.LargeBinary(), description="WindowSketch.to_bytes()")
+    updated_at: float = Field(sa_type=sa.Double(), description="collector clock of the last merge")

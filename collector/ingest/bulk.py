@@ -180,6 +180,7 @@ class WriteOutcome:
     inserted: int = 0
     duplicates: int = 0
     conflicts: np.ndarray = field(default_factory=lambda: _EMPTY_I8)  # seqs stored earlier with other content
+    new: np.ndarray | None = None  # bool per row of the block: stored by this write (what monitoring sketches)
 
     @property
     def total(self) -> int:
@@ -233,7 +234,7 @@ def write_inferences(conn: Connection, blocks: Sequence[InferenceRows]) -> list[
         sl = slice(int(offsets[i]), int(offsets[i + 1]))
         n_new = int(new[sl].sum())
         conflicting = b.seq[conflict[sl]]
-        outcomes.append(WriteOutcome(n_new, len(b) - n_new - int(conflicting.size), conflicting))
+        outcomes.append(WriteOutcome(n_new, len(b) - n_new - int(conflicting.size), conflicting, new[sl]))
     return outcomes
 
 

@@ -50,6 +50,7 @@ from collector.config import Settings
 from collector.db.engine import make_engine
 from collector.db.models import NAME_LEN, DeclaredGap, Device, DeviceEvent, Inference, IngestBatch, Quarantine
 from collector.ingest.bulk import InferenceRows, WriteOutcome, write_inferences
+from collector.monitoring.windows import WindowWriter, load_reference_bins
 from collector.mqtt import CollectorMqtt, InboundMessage
 from shared import messages, topics
 from shared.codec import DEFAULT_LIMITS, MAGIC, Batch, BatchError, decode_batch
@@ -293,6 +294,7 @@ class Prepared:
     refused: bool = False  # valid, but the database would not store it (``store_failed``): the device re-sends
     outcomes: list[WriteOutcome] = field(default_factory=list)
     new_lost: int = 0  # records of gaps this batch declared for the first time
+    unsketched: int = 0  # new records not sketched into monitoring windows (model version without a bundle)
     settled: bool = False  # committed and accounted for
 
     @property
@@ -414,6 +416,10 @@ class Ingest:
         self.settings = settings
         self._own_engine = engine is None
         self.engine = engine if engine is not None else make_engine(settings.database)
+        self.windows: WindowWriter | None = None
+        if settings.monitoring_enabled:
+            bins = load_reference_bins(settings.monitoring_bundles, settings.monitoring_trusted_keys)
+            self.windows = WindowWriter(bins, settings.monitoring_window_s)
         self._queue: queue.SimpleQueue[InboundMessage] = queue.SimpleQueue()  # bounded in _enqueue
         self.mqtt = CollectorMqtt(settings, self._enqueue)
         self._stop = threading.Event()
@@ -727,7 +733,7 @@ class Ingest:
 
     def _transaction(self, items: list[Prepared]) -> list[tuple[str, messages.Ack]]:
         with self.engine.connect().execution_options(sqlite_begin="IMMEDIATE") as conn, conn.begin():
-            return write_group(conn, items, self.settings.quarantine_max_payload_bytes)
+            return write_group(conn, items, self.settings.quarantine_max_payload_bytes, self.windows)
 
     def _after_commit(self, items: list[Prepared], acks: list[tuple[str, messages.Ack]]) -> None:
         skipped = 0
@@ -739,7 +745,7 @@ class Ingest:
         self._account(items, len(acks), skipped)
 
     def _account(self, items: list[Prepared], n_acks: int, skipped: int) -> None:
-        inserted = duplicate = conflict = lost = batches = 0
+        inserted = duplicate = conflict = lost = batches = unsketched = 0
         kinds: Counter[str] = Counter()
         reasons: Counter[str] = Counter()
         for item in items:
@@ -756,6 +762,7 @@ class Ingest:
             if item.batch is not None:
                 batches += 1
                 lost += item.new_lost
+                unsketched += item.unsketched
         for kind, n in kinds.items():
             metrics.INGEST_MESSAGES.labels(kind).inc(n)
         for reason, n in reasons.items():
@@ -764,6 +771,7 @@ class Ingest:
         metrics.INGEST_RECORDS.labels("duplicate").inc(duplicate)
         metrics.INGEST_RECORDS.labels("conflict").inc(conflict)
         metrics.INGEST_DECLARED_LOST.inc(lost)
+        metrics.MONITORING_UNSKETCHED.inc(unsketched)
         metrics.INGEST_COMMITS.inc()
         metrics.INGEST_GROUP_MESSAGES.observe(len(items))
         metrics.INGEST_QUEUE_DEPTH.dec(len(items))
@@ -816,8 +824,13 @@ class _DeviceChange:
     lost: int = 0
 
 
-def write_group(conn: Connection, items: list[Prepared], cap: int) -> list[tuple[str, messages.Ack]]:
-    """Everything of one group, on ``conn`` inside its transaction; returns the Acks to publish after commit."""
+def write_group(
+    conn: Connection, items: list[Prepared], cap: int, windows: WindowWriter | None = None
+) -> list[tuple[str, messages.Ack]]:
+    """Everything of one group, on ``conn`` inside its transaction; returns the Acks to publish after commit.
+
+    With ``windows``, the newly inserted records are also sketched into their monitoring windows.
+    """
     devices: dict[str, _DeviceChange] = {}
     for item in items:
         if item.device_id is not None and not item.cleared:
@@ -850,6 +863,10 @@ def write_group(conn: Connection, items: list[Prepared], cap: int) -> list[tuple
     for it in telemetry:
         it.outcomes = outcomes[pos : pos + len(it.rows)]
         pos += len(it.rows)
+    if windows is not None and telemetry:
+        missed = windows.write(conn, [(it.rows, it.outcomes) for it in telemetry])
+        for it, n in zip(telemetry, missed, strict=True):
+            it.unsketched = n
 
     quarantine: list[dict[str, Any]] = []
     batch_rows: list[dict[str, Any]] = []
