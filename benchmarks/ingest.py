@@ -38,7 +38,11 @@ CPU seconds of the collector, the publisher, Mosquitto and the PostgreSQL backen
 benchmark's databases are read from /proc during phases 1 and 4, to show where the time goes.
 ``--profile`` also samples the collector with py-spy during phase 1 (``pip install py-spy``).
 
-``sketch_overhead`` is null: the monitoring sketches do not exist yet.
+5. Sketch overhead: phases 1 to 4 run with the monitoring sketches OFF (``FLEET_MONITORING_ENABLED``
+   false). Then phase 1 is run again, on a fresh broker and database, by a collector with them ON and
+   the reference bundle configured (``FLEET_MONITORING_BUNDLES`` / ``FLEET_MONITORING_TRUSTED_KEYS``,
+   JSON arrays), so every record is also sketched into its ``monitoring_window``.
+   ``sketch_overhead`` = off records_per_s / on records_per_s - 1 (``--no-sketch`` skips it: null).
 
 Run: ``.venv/bin/python benchmarks/ingest.py`` (about a minute and a half). Targets (foundation):
 ``records_per_s`` >= 20,000 and ``ratio_to_copy`` >= 0.30, ``lost`` = ``duplicates`` = 0.
@@ -91,6 +95,7 @@ GROUP_BATCHES = 100  # collector default ingest_max_batch_messages
 LAG_RATE = 10_000.0
 TARGET_RECORDS_PER_S = 20_000.0
 TARGET_RATIO_TO_COPY = 0.30
+TARGET_SKETCH_OVERHEAD = 0.15
 ACT_SAMPLE_FRACTION = 0.05
 
 
@@ -635,6 +640,59 @@ def summarise_profile(path: Path, threads: tuple[str, ...] = ("ingest",), top: i
 # ---------------------------------------------------------------------------------------- main
 
 
+def sketch_run(folder: Path, plan_path: Path, window: int) -> dict[str, Any]:
+    """Phase 1 again on a fresh broker and database, with the monitoring sketches on for the reference bundle."""
+    import psycopg
+
+    from edge_agent.config import DEFAULT_BUNDLE, DEFAULT_KEY
+
+    print("phase 5: throughput again with the monitoring sketches on ...")
+    own = folder / "sketch"
+    own.mkdir()
+    with private_broker(own) as broker, temporary_database("bench_sketch") as database_url:
+        collector = Collector(
+            database_url,
+            broker.url,
+            own / "collector",
+            own / "collector.log",
+            extra_env={
+                "FLEET_MONITORING_ENABLED": "true",
+                # pydantic-settings reads a list setting from the environment as a JSON array.
+                "FLEET_MONITORING_BUNDLES": json.dumps([str(DEFAULT_BUNDLE)]),
+                "FLEET_MONITORING_TRUSTED_KEYS": json.dumps([str(DEFAULT_KEY)]),
+            },
+        )
+        collector.start()
+        assert collector.proc is not None and broker.proc is not None
+        try:
+            pids = {"collector": [collector.proc.pid], "mosquitto": [broker.proc.pid]}
+            admin = pg_admin_url()
+            checkpoint(admin)
+            run = run_publisher(
+                plan_path,
+                broker.port,
+                window=window,
+                rate=0.0,
+                timeout=300.0,
+                meter=CpuMeter(dict(pids)),
+                extra=backend_pids(admin, [database_url.rsplit("/", 1)[1]]),
+            )
+        finally:
+            collector.stop()
+        with psycopg.connect(database_url) as conn:
+            found = conn.execute("SELECT count(*), coalesce(sum(n), 0) FROM monitoring_window").fetchone()
+        windows, window_records = found if found is not None else (0, 0)
+    return {
+        "records": run.acked_records,
+        "seconds": round(run.seconds, 3),
+        "records_per_s": round(run.records_per_s, 0),
+        # The collector's own CPU: PostgreSQL usually bounds the rate, so the sketches' cost shows here first.
+        "cpu_share": {k: round(v / run.seconds, 3) for k, v in run.cpu.items() if k != "machine_busy"},
+        "windows": int(windows),
+        "window_records": int(window_records),
+    }
+
+
 def _pct(values: list[float], q: float) -> float | None:
     if not values:
         return None
@@ -650,6 +708,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lag-seconds", type=float, default=20.0, help="length of the 10k records/s phase")
     parser.add_argument("--profile", action="store_true", help="sample the collector with py-spy in phase 1")
     parser.add_argument("--profile-raw", type=Path, help="with --profile: keep py-spy's raw stacks here")
+    parser.add_argument("--no-sketch", action="store_true", help="skip the sketch-overhead run (phase 1 again)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--publisher", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -686,7 +745,13 @@ def main(argv: list[str] | None = None) -> int:
                 temporary_database("bench_copy") as copy_url,
             ):
                 admin = pg_admin_url()
-                collector = Collector(database_url, broker.url, folder / "collector", folder / "collector.log")
+                collector = Collector(
+                    database_url,
+                    broker.url,
+                    folder / "collector",
+                    folder / "collector.log",
+                    extra_env={"FLEET_MONITORING_ENABLED": "false"},
+                )
                 collector.start()
                 assert collector.proc is not None and broker.proc is not None
                 try:
@@ -726,6 +791,7 @@ def main(argv: list[str] | None = None) -> int:
                 print("phase 4: COPY ceiling into a fresh inference table ...")
                 checkpoint(admin)
                 ceiling = copy_ceiling(copy_url, main_plan, CpuMeter({}), admin)
+            sketched = None if args.no_sketch else sketch_run(folder, main_path, args.window)
         except ServiceUnavailable as exc:
             print(f"cannot run: {exc}")
             emit({"benchmark": "ingest", "error": str(exc), "records_per_s": None, "machine": host})
@@ -733,6 +799,16 @@ def main(argv: list[str] | None = None) -> int:
 
     records_per_s = phase1.records_per_s
     ratio = records_per_s / ceiling["copy_ceiling_records_per_s"]
+    sketch_overhead = None
+    if sketched is not None:
+        on_rate = sketched["records_per_s"]
+        sketch_overhead = records_per_s / on_rate - 1 if on_rate > 0 else None
+        shown = "n/a" if sketch_overhead is None else f"{sketch_overhead:+.1%}"
+        print(
+            f"\nsketch overhead: phase 1 with monitoring sketches on {on_rate:,.0f} records/s against "
+            f"{records_per_s:,.0f} off: {shown} (target <= {TARGET_SKETCH_OVERHEAD:.0%}); "
+            f"{sketched['window_records']:,} records in {sketched['windows']:,} monitoring windows"
+        )
     lost = check["lost"]
     duplicates = check["duplicates"] + phase1.duplicate_acks + phase2.duplicate_acks
     p99 = _pct(phase2.latencies, 99)
@@ -811,8 +887,13 @@ def main(argv: list[str] | None = None) -> int:
             "lost": lost,
             "duplicates": duplicates,
             "lag_p99_s_at_10k": round(p99, 4) if p99 is not None else None,
-            "sketch_overhead": None,
-            "targets": {"records_per_s": TARGET_RECORDS_PER_S, "ratio_to_copy": TARGET_RATIO_TO_COPY},
+            "sketch_overhead": round(sketch_overhead, 4) if sketch_overhead is not None else None,
+            "targets": {
+                "records_per_s": TARGET_RECORDS_PER_S,
+                "ratio_to_copy": TARGET_RATIO_TO_COPY,
+                "sketch_overhead": TARGET_SKETCH_OVERHEAD,
+            },
+            "sketch_run": sketched,
             "phase1": {
                 "records": phase1.acked_records,
                 "seconds": round(phase1.seconds, 3),
