@@ -36,30 +36,38 @@ TRAIN_SEED = 0
 LABEL_COLUMN = "label"
 MAX_DATASET_BYTES = 3 * 1024 * 1024
 
-# Run in a child interpreter: the collector must not import edge_agent, not even lazily.
-_GENERATE = """
-import sys
-from edge_agent.dataset import write_dataset
-from edge_agent.sensors.simulated import load_scenario
-scenario, out, seconds, rate, seed = sys.argv[1:]
-n = write_dataset(out, load_scenario(scenario), seconds=float(seconds), rate_hz=float(rate), seed=int(seed))
-print(n)
-"""
-
-
 def generate_dataset(
     out: Path = DATASET, *, seconds: float = SECONDS, rate_hz: float = RATE_HZ, seed: int = DATA_SEED
 ) -> int:
-    """Write the cabin CSV with the agent's generator in a subprocess; return its row count."""
+    """Write the cabin CSV with the agent's ``dataset`` command; return its row count.
+
+    The agent's command runs as a child process: the collector never imports edge_agent, not even lazily.
+    """
     out.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-c", _GENERATE, str(SCENARIO), str(out), repr(seconds), repr(rate_hz), str(seed)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "edge_agent",
+        "dataset",
+        "--scenario",
+        str(SCENARIO),
+        "--seconds",
+        repr(seconds),
+        "--rate",
+        repr(rate_hz),
+        "--seed",
+        str(seed),
+        "--out",
+        str(out),
+    ]
     log.info("generating %s (%g s at %g Hz, seed %d)", out, seconds, rate_hz, seed)
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise TrainingError(
             "dataset_failed", f"the cabin generator exited {proc.returncode}: {proc.stderr.strip()[-2000:]}"
         )
-    rows = int(proc.stdout.strip().splitlines()[-1])
+    # The command's last line: "wrote N rows to PATH: <label mix>".
+    rows = int(proc.stdout.strip().splitlines()[-1].split()[1])
     size = out.stat().st_size
     log.info("wrote %d rows, %d bytes", rows, size)
     if size > MAX_DATASET_BYTES:
