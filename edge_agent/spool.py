@@ -415,11 +415,12 @@ class Spool:
                 first,
                 last,
             )
-            self._add_gap(first, last, GAP_CRASH)
-            self._queue_event(
+            self._declare_loss(
                 EVENT_SPOOL_LOSS,
+                GAP_CRASH,
+                [(first, last)],
+                last - first + 1,
                 f"seq {first}-{last} lost with an uncommitted group (crash or power cut)",
-                {"first": first, "last": last, "records": last - first + 1, "reason": GAP_CRASH},
             )
             self._count("crash_gaps", 1)
             self._count("crash_seqs", last - first + 1)
@@ -431,6 +432,19 @@ class Spool:
             "INSERT OR REPLACE INTO gaps (first, last, reason, created) VALUES (?, ?, ?, ?)",
             (first, last, reason, time.time()),
         )
+
+    def _declare_loss(self, kind: str, reason: str, ranges: list[tuple[int, int]], records: int, message: str) -> None:
+        """Record ``ranges`` as gaps of ``reason`` and queue one event saying so (every kind of loss alike)."""
+        for first, last in ranges:
+            self._add_gap(first, last, reason)
+        data = {
+            "first": ranges[0][0],
+            "last": ranges[-1][1],
+            "ranges": [list(r) for r in ranges],
+            "records": records,
+            "reason": reason,
+        }
+        self._queue_event(kind, message, data)
 
     def _queue_event(self, kind: str, message: str, data: dict[str, Any]) -> None:
         event = DeviceEvent(kind=kind, ts=time.time(), message=message, data=data)
@@ -593,18 +607,12 @@ class Spool:
 
     def _declare_lost_pending(self, lost: list[tuple[int, int]]) -> None:
         records = sum(b - a + 1 for a, b in lost)
-        for first, last in lost:
-            self._add_gap(first, last, GAP_SPOOL_ERROR)
-        self._queue_event(
+        self._declare_loss(
             EVENT_SPOOL_LOSS,
+            GAP_SPOOL_ERROR,
+            lost,
+            records,
             f"{records} records dropped from memory while spool commits were failing",
-            {
-                "first": lost[0][0],
-                "last": lost[-1][1],
-                "ranges": [list(r) for r in lost],
-                "records": records,
-                "reason": GAP_SPOOL_ERROR,
-            },
         )
         self._count("error_records", records)
 
@@ -633,18 +641,12 @@ class Spool:
             return []
         ranges = merge_ranges([(f, la) for _c, f, la, _n in dropped])
         records = sum(n for *_x, n in dropped)
-        for first, last in ranges:
-            self._add_gap(first, last, GAP_SPOOL_FULL)
-        self._queue_event(
+        self._declare_loss(
             EVENT_SPOOL_DROPPED,
+            GAP_SPOOL_FULL,
+            ranges,
+            records,
             f"spool over {self.max_bytes} bytes: dropped {records} oldest records",
-            {
-                "first": ranges[0][0],
-                "last": ranges[-1][1],
-                "ranges": [list(r) for r in ranges],
-                "records": records,
-                "reason": GAP_SPOOL_FULL,
-            },
         )
         self._count("dropped_chunks", len(dropped))
         self._count("dropped_records", records)
@@ -1029,11 +1031,12 @@ class Spool:
                     self._db.execute("DELETE FROM chunks WHERE id = ?", (chunk_id,))
                     self._bytes -= int(nbytes)
                     self._depth -= int(n)
-                    self._add_gap(int(first), int(last), GAP_OVERSIZED)
-                    self._queue_event(
+                    self._declare_loss(
                         EVENT_SPOOL_OVERSIZED,
+                        GAP_OVERSIZED,
+                        [(int(first), int(last))],
+                        int(n),
                         f"record seq {first} is {nbytes} bytes: too big for any batch, dropped",
-                        {"first": int(first), "last": int(last), "records": int(n), "reason": GAP_OVERSIZED},
                     )
                     self._count("oversized_records", int(n))
             if n > 1:
