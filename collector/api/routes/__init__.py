@@ -1,13 +1,20 @@
-"""Routers per resource, combined into the ``/api/v1`` router."""
+"""Routers per resource, combined into the ``/api/v1`` router.
+
+Every module of this package defines ``router`` (an :class:`~fastapi.APIRouter`); a module that sets
+``PUBLIC = True`` is served without the API token (only ``health``). Modules are found by name, so a
+new resource is one new file.
+"""
+
+import importlib
+import pkgutil
 
 from fastapi import APIRouter, Depends
 
 from collector.api.deps import require_token
-from collector.api.routes import devices, health, inferences, quarantine
 
 api_router = APIRouter(prefix="/api/v1")
-api_router.include_router(health.router)
-protected = [Depends(require_token)]
-api_router.include_router(devices.router, dependencies=protected)
-api_router.include_router(inferences.router, dependencies=protected)
-api_router.include_router(quarantine.router, dependencies=protected)
+
+for _info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+    _module = importlib.import_module(f"{__name__}.{_info.name}")
+    _public = getattr(_module, "PUBLIC", False)
+    api_router.include_router(_module.router, dependencies=None if _public else [Depends(require_token)])

@@ -12,6 +12,7 @@ from collector.api.deps import SessionDep
 from collector.api.schemas import Health
 
 router = APIRouter(tags=["health"])
+PUBLIC = True  # load balancers and systemd health checks call it without a token
 
 
 @router.get("/health", response_model=Health)
