@@ -205,3 +205,106 @@ class MonitoringWindow(SQLModel, table=True):
     n: int = Field(0, sa_type=sa.BigInteger(), description="records merged into the sketch")
     sketch: bytes = Field(sa_type=sa.LargeBinary(), description="WindowSketch.to_bytes()")
     updated_at: float = Field(sa_type=sa.Double(), description="collector clock of the last merge")
+
+
+class Label(SQLModel, table=True):
+    """A late ground-truth label for one inference record, joined on the record's idempotency key.
+
+    Labels may arrive before the record they label (a device still offline): they are kept and join
+    once the record is stored. A label pushed again for the same record replaces the earlier one.
+    """
+
+    __tablename__ = "label"
+    __table_args__ = (sa.Index("ix_label_received", "received_at"),)
+
+    device_id: str = Field(primary_key=True, sa_type=sa.String(ID_LEN))
+    spool_epoch: str = Field(primary_key=True, sa_type=sa.String(NAME_LEN))
+    seq: int = Field(primary_key=True, sa_type=sa.BigInteger(), sa_column_kwargs={"autoincrement": False})
+    label: int = Field(sa_type=sa.SmallInteger(), description="class index in the model's label list")
+    received_at: float = Field(sa_type=sa.Double())
+    source: str = Field("api", sa_type=sa.String(NAME_LEN), description="api, or the pushed file's name")
+
+
+class Alert(SQLModel, table=True):
+    """One alert: a condition that held for enough consecutive windows, until it resolves.
+
+    ``key`` identifies the condition (kind, scope, subject, model); at most one alert per key is
+    open (firing or acknowledged) at a time, which is the de-duplication.
+    """
+
+    __tablename__ = "alert"
+    __table_args__ = (
+        sa.Index("ix_alert_key_state", "key", "state"),
+        sa.Index("ix_alert_state_fired", "state", "fired_at"),
+    )
+
+    id: int | None = Field(None, primary_key=True, sa_type=BigId)
+    key: str = Field(sa_type=sa.String(512))
+    kind: str = Field(sa_type=sa.String(64), description="e.g. feature_drift, confidence_drop, sequential_coact")
+    scope: str = Field(sa_type=sa.String(16), description="device | group | model | fleet")
+    subject: str = Field(sa_type=sa.String(NAME_LEN), description="device id, group name, model version or 'fleet'")
+    model_name: str | None = Field(None, sa_type=sa.String(NAME_LEN))
+    model_version: str | None = Field(None, sa_type=sa.String(NAME_LEN))
+    state: str = Field(sa_type=sa.String(16), description="firing | acknowledged | resolved")
+    severity: str = Field("warning", sa_type=sa.String(16), description="warning | critical")
+    message: str = Field("", sa_type=sa.Text())
+    details: dict[str, Any] = Field(default_factory=dict, sa_type=JSONType, description="statistics and thresholds")
+    fired_at: float = Field(sa_type=sa.Double())
+    last_bad_at: float = Field(sa_type=sa.Double(), description="end of the last window the condition held in")
+    resolved_at: float | None = Field(None, sa_type=sa.Double())
+    acked_at: float | None = Field(None, sa_type=sa.Double())
+    acked_by: str | None = Field(None, sa_type=sa.String(NAME_LEN))
+    ack_note: str | None = Field(None, sa_type=sa.Text())
+
+
+class AlertCondition(SQLModel, table=True):
+    """Hysteresis state of one condition key, kept whether or not an alert is open."""
+
+    __tablename__ = "alert_condition"
+
+    key: str = Field(primary_key=True, sa_type=sa.String(512))
+    bad_streak: int = Field(0, sa_type=sa.Integer(), description="consecutive windows the condition held")
+    good_streak: int = Field(0, sa_type=sa.Integer(), description="consecutive windows it did not")
+    last_window: float = Field(sa_type=sa.Double(), description="start of the last window evaluated")
+    updated_at: float = Field(sa_type=sa.Double())
+
+
+class WebhookDelivery(SQLModel, table=True):
+    """One alert notification to one webhook URL, retried with backoff until delivered or given up."""
+
+    __tablename__ = "webhook_delivery"
+    __table_args__ = (sa.Index("ix_webhook_delivery_state_next", "state", "next_attempt_at"),)
+
+    id: int | None = Field(None, primary_key=True, sa_type=BigId)
+    alert_id: int = Field(sa_type=sa.BigInteger())
+    event: str = Field(sa_type=sa.String(16), description="fired | acknowledged | resolved")
+    url: str = Field(sa_type=sa.Text())
+    payload: dict[str, Any] = Field(default_factory=dict, sa_type=JSONType)
+    state: str = Field("pending", sa_type=sa.String(16), description="pending | delivered | failed")
+    attempts: int = Field(0, sa_type=sa.Integer())
+    next_attempt_at: float = Field(sa_type=sa.Double())
+    last_error: str | None = Field(None, sa_type=sa.Text())
+    created_at: float = Field(sa_type=sa.Double())
+    delivered_at: float | None = Field(None, sa_type=sa.Double())
+
+
+class SequentialAlarm(SQLModel, table=True):
+    """An alarm of a per-device sequential detector (Page-Hinkley or ADWIN) raised during ingest."""
+
+    __tablename__ = "sequential_alarm"
+    __table_args__ = (
+        sa.Index("ix_sequential_alarm_received", "received_at"),
+        sa.Index("ix_sequential_alarm_device_ts", "device_id", "ts"),
+    )
+
+    id: int | None = Field(None, primary_key=True, sa_type=BigId)
+    device_id: str = Field(sa_type=sa.String(ID_LEN))
+    model_name: str = Field(sa_type=sa.String(NAME_LEN))
+    model_version: str = Field(sa_type=sa.String(NAME_LEN))
+    signal: str = Field(sa_type=sa.String(32), description="calibrated | coact")
+    detector: str = Field(sa_type=sa.String(32), description="page_hinkley | adwin")
+    spool_epoch: str = Field(sa_type=sa.String(NAME_LEN))
+    seq: int = Field(sa_type=sa.BigInteger(), description="the record at which the detector alarmed")
+    ts: float = Field(sa_type=sa.Double(), description="collector-corrected time of that record")
+    detail: dict[str, Any] = Field(default_factory=dict, sa_type=JSONType)
+    received_at: float = Field(sa_type=sa.Double())
