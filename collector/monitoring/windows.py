@@ -31,9 +31,8 @@ from sqlalchemy.sql.schema import Table
 
 from collector.db.models import MonitoringWindow
 from collector.ingest.bulk import InferenceRows, WriteOutcome
+from collector.monitoring.catalog import ReferenceCatalog
 from collector.monitoring.sketches import DEFAULT_WINDOW_S, ReferenceBins, SketchError, WindowSketch, split_by_window
-from shared.bundle import BundleError, load_bundle
-from shared.signing import SignatureError, load_public_keys
 
 log = logging.getLogger(__name__)
 
@@ -47,30 +46,10 @@ def load_reference_bins(bundles: Sequence[Path], key_files: Sequence[Path]) -> d
     """Reference bins of every bundle that loads with a valid signature, keyed by (model name, version).
 
     A bundle or key file that cannot be read or verified is logged and skipped; without any
-    trusted key no bundle is loaded (an unsigned reference would decide what drift is).
+    trusted key no bundle is loaded (an unsigned reference would decide what drift is). The
+    loading is :class:`~collector.monitoring.catalog.ReferenceCatalog`'s, shared with the service.
     """
-    out: dict[tuple[str, str], ReferenceBins] = {}
-    if not bundles:
-        return out
-    keys = []
-    for path in key_files:
-        try:
-            keys.extend(load_public_keys([Path(path)]))
-        except (OSError, ValueError, SignatureError) as exc:
-            log.error("monitoring: cannot read trusted key file %s: %s", path, exc)
-    if not keys:
-        log.error("monitoring: %d bundle(s) configured but no usable trusted key: none loaded", len(bundles))
-        return out
-    for path in bundles:
-        try:
-            manifest = load_bundle(Path(path), keys, check_tensors=False).manifest
-            bins = ReferenceBins.from_manifest(manifest)
-        except (OSError, BundleError, SignatureError, ValueError) as exc:
-            log.error("monitoring: bundle %s not loaded: %s", path, exc)
-            continue
-        out[(manifest.name, manifest.version)] = bins
-        log.info("monitoring: reference bins of %s %s from %s", manifest.name, manifest.version, path)
-    return out
+    return ReferenceCatalog.from_paths(bundles, key_files).bins()
 
 
 @dataclass
