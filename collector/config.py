@@ -130,6 +130,73 @@ class Settings(BaseSettings):
         "no bundle is loaded.",
     )
     monitoring_window_s: float = Field(900.0, ge=1, description="Length of a monitoring window in seconds.")
+    alert_jobs_enabled: bool = Field(
+        True,
+        description="Run the background jobs in the collector process: alert evaluation after each monitoring "
+        "window closes, webhook delivery and the daily roll-up of monitoring windows. Turn off on API-only replicas.",
+    )
+    alert_fire_windows: int = Field(
+        2, ge=1, le=100, description="Consecutive bad windows after which a condition fires an alert."
+    )
+    alert_resolve_windows: int = Field(
+        3, ge=1, le=100, description="Consecutive good windows after which an open alert resolves."
+    )
+    alert_grace_s: float = Field(
+        30.0,
+        ge=0,
+        description="Seconds after a window's end before it is evaluated, so that late records land in it first "
+        "(records arriving later still count for drift status, not for alerts).",
+    )
+    alert_max_catchup_windows: int = Field(
+        96,
+        ge=1,
+        description="Most closed windows evaluated when the engine starts from scratch or after a long stop; "
+        "older ones are skipped (default: one day of 15-minute windows).",
+    )
+    alert_min_expected_accuracy: float = Field(
+        0.6,
+        ge=0,
+        le=1,
+        description="Label-free expected accuracy below which estimated_accuracy is bad (critical when the whole "
+        "interval lies below it).",
+    )
+    alert_accuracy_margin: float = Field(
+        0.05,
+        ge=0,
+        le=1,
+        description="estimated_accuracy is also bad when the upper bound of its interval lies below the model's "
+        "reference (held-out test) accuracy minus this margin.",
+    )
+    alert_critical_drift_share: float = Field(
+        0.5, ge=0, le=1, description="Input drift is critical when at least this share of the tested features drift."
+    )
+    alert_webhooks: list[str] = Field(
+        default_factory=list,
+        description="URLs that receive a JSON POST when an alert fires, escalates, is acknowledged or resolves "
+        "(as a JSON array in FLEET_ALERT_WEBHOOKS).",
+    )
+    alert_webhook_max_attempts: int = Field(
+        8, ge=1, le=100, description="Delivery attempts per webhook notification before it is given up."
+    )
+    alert_webhook_backoff_s: float = Field(
+        5.0,
+        gt=0,
+        description="Wait before the second delivery attempt; doubles after every failure (exponential backoff).",
+    )
+    alert_webhook_max_backoff_s: float = Field(3600.0, gt=0, description="Longest wait between two delivery attempts.")
+    alert_webhook_timeout_s: float = Field(10.0, gt=0, le=300, description="HTTP timeout of one delivery attempt.")
+    alert_webhook_poll_s: float = Field(
+        5.0, gt=0, description="How often the delivery job looks for notifications that are due."
+    )
+
+    @field_validator("alert_webhooks")
+    @classmethod
+    def _check_webhooks(cls, value: list[str]) -> list[str]:
+        bad = [url for url in value if not url.startswith(("http://", "https://"))]
+        if bad:
+            raise ValueError(f"webhook URLs must start with http:// or https://: {bad}")
+        return value
+
     auto_migrate: bool = Field(True, description="Upgrade the database schema to the newest migration at start.")
     http_host: str = Field("127.0.0.1", description="Address the HTTP API and dashboard listen on.")
     http_port: int = Field(8000, ge=1, le=65535, description="Port the HTTP API and dashboard listen on.")
