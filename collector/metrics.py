@@ -48,3 +48,46 @@ INGEST_FORCED_RECONNECTS = Counter(
 )
 INGEST_QUEUE_DEPTH = Gauge("fleet_ingest_queue_depth", "Messages received and not yet committed.")
 MQTT_CONNECTED = Gauge("fleet_mqtt_connected", "1 while the collector's MQTT client is connected.")
+
+# Late labels (collector/labels.py, POST /api/v1/labels).
+LABELS_RECEIVED = Counter("fleet_labels_received_total", "Late labels received in pushes within the size limits.")
+LABELS_STORED = Counter(
+    "fleet_labels_stored_total", "Late labels stored, by outcome (inserted, replaced an earlier label).", ["outcome"]
+)
+LABELS_REJECTED = Counter(
+    "fleet_labels_rejected_total",
+    "Late labels rejected one by one, by reason (bad_seq, unknown_class, ambiguous_class_name, ...).",
+    ["reason"],
+)
+LABELS_PUSHES_REJECTED = Counter(
+    "fleet_labels_pushes_rejected_total",
+    "Whole label pushes refused, by reason (body_too_large, too_many_items, bad_body).",
+    ["reason"],
+)
+
+# Alerts (collector.alerts): label values are alert kinds, severities, outcomes and model versions, never devices.
+ALERTS_OPEN = Gauge(
+    "fleet_alerts_open", "Open alerts (firing or acknowledged), by kind and severity.", ["kind", "severity"]
+)
+ALERTS_FIRED = Counter("fleet_alerts_fired_total", "Alerts opened, by kind and severity.", ["kind", "severity"])
+ALERT_WINDOWS_EVALUATED = Counter(
+    "fleet_alert_windows_evaluated_total", "Closed monitoring windows the alert engine evaluated."
+)
+ALERT_EVALUATION_FAILURES = Counter(
+    "fleet_alert_evaluation_failures_total", "Alert evaluations that failed (retried at the next run)."
+)
+ALERT_WEBHOOK_DELIVERIES = Counter(
+    "fleet_alert_webhook_deliveries_total",
+    "Webhook delivery attempts, by outcome (delivered; retry: failed, tried again later; failed: given up).",
+    ["outcome"],
+)
+MODEL_DRIFT_SCORE = Gauge(
+    "fleet_model_drift_score",
+    "Fleet-wide drift score of the last evaluated window: the largest PSI over tested input features.",
+    ["model_name", "model_version"],
+)
+MODEL_EXPECTED_ACCURACY = Gauge(
+    "fleet_model_expected_accuracy",
+    "Fleet-wide label-free expected accuracy of the last evaluated window (mean calibrated confidence).",
+    ["model_name", "model_version"],
+)
