@@ -34,9 +34,9 @@ falls: an alert keeps the worst severity it reached.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, Protocol
 
 from collector.monitoring.drift import DriftReport, TestResult
 from collector.monitoring.performance import AccuracyEstimate, RegionVerdict
@@ -78,6 +78,8 @@ KINDS: Final = (
     "stuck_sensor",
     "clock_skew",
     "seq_gap",
+    "sensor_flags",
+    "invalid_predictions",
 )
 """Condition kinds evaluated from window statistics; sequential alarms add ``sequential_<signal>``."""
 
@@ -149,6 +151,10 @@ class Observation:
     severity: Severity = "warning"
     message: str = ""
     details: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # Details are stored in a JSON column and served by the API: make them JSON-ready once, here.
+        object.__setattr__(self, "details", jsonable(self.details))
 
 
 @dataclass(frozen=True)
@@ -223,7 +229,12 @@ def advance(
 
 @dataclass(frozen=True)
 class AlertPolicy:
-    """Thresholds that turn window statistics into bad/good verdicts (from the ``alert_*`` settings)."""
+    """Thresholds the alert engine adds to the monitoring status (from the ``alert_*`` settings).
+
+    Drift, region and data-quality verdicts come decided from the monitoring service, with its own
+    ``monitoring_*`` thresholds; only what turns an accuracy *estimate* into a verdict, and how severe an
+    input drift is, belong to the alerts.
+    """
 
     min_expected_accuracy: float = 0.6
     """Expected (label-free) accuracy below this is bad; critical when the whole interval lies below it."""
@@ -231,30 +242,39 @@ class AlertPolicy:
     """Also bad: the interval's upper bound below the reference accuracy minus this margin."""
     critical_drift_share: float = 0.5
     """Input drift is critical when at least this share of the tested features drift."""
-    max_missing_share: float = 0.2
-    """Bad when some feature is missing (NaN) in more than this share of a window's records."""
-    max_out_of_range_share: float = 0.05
-    """Bad when some feature is outside its hardware profile's range in more than this share of records."""
-    max_clock_skew_s: float = 300.0
-    """Bad when the device wall clock is this far from the collector's estimate (either way)."""
-    max_seq_missing_share: float = 0.05
-    """Bad when more than this share of the window's seqs is missing (records lost between device and store)."""
-    min_records: int = 100
-    """Data-quality verdicts need at least this many records in the window (fewer: unknown)."""
 
     def __post_init__(self) -> None:
         for name in ("min_expected_accuracy", "accuracy_margin", "critical_drift_share"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must lie in [0, 1]")
-        for name in ("max_missing_share", "max_out_of_range_share", "max_seq_missing_share"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"{name} must lie in [0, 1)")
-        if self.max_clock_skew_s <= 0 or self.min_records < 1:
-            raise ValueError("max_clock_skew_s must be > 0 and min_records >= 1")
 
 
-def _test_details(t: TestResult) -> dict[str, Any]:
-    return t.to_dict()
+def reference_accuracy(metrics: Mapping[str, float]) -> float | None:
+    """The accuracy a model had on its held-out data, from its bundle's training metrics (None if absent).
+
+    The test set's accuracy is preferred (never used for fitting or calibration), then the validation set's.
+    """
+    for name in ("test_accuracy", "validation_accuracy"):
+        value = metrics.get(name)
+        if value is not None and math.isfinite(value) and 0.0 <= value <= 1.0:
+            return float(value)
+    return None
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` with tuples as lists, numpy scalars as Python numbers and non-finite floats as None.
+
+    Alert details go into a JSON column (PostgreSQL's JSONB refuses NaN) and out through the API.
+    """
+    if isinstance(value, Mapping):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [jsonable(v) for v in value]
+    if hasattr(value, "tolist"):  # numpy arrays and scalars
+        return jsonable(value.tolist())
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    return value
 
 
 def observe_drift(report: DriftReport, policy: AlertPolicy = AlertPolicy()) -> dict[str, Observation]:
@@ -301,7 +321,7 @@ def observe_drift(report: DriftReport, policy: AlertPolicy = AlertPolicy()) -> d
         )
     for kind, attr in DRIFT_SIGNALS.items():
         test: TestResult = getattr(report, attr)
-        d = _test_details(test)
+        d = test.to_dict()
         if test.verdict == "not_enough_data":
             out[kind] = Observation("unknown", message=f"{test.name}: not enough data", details=d)
         elif test.verdict == "drift":
@@ -377,92 +397,67 @@ def observe_region(region: RegionVerdict) -> Observation:
     return Observation("good", message="inputs inside the reference region", details=details)
 
 
-@dataclass(frozen=True)
-class QualityCounts:
-    """Data-quality counters of one window, from its sketch (``WindowSketch``) or a quality summary."""
-
-    n: int
-    feature_names: tuple[str, ...]
-    missing: tuple[int, ...]
-    """Records with the feature missing (NaN), per feature."""
-    out_of_range: tuple[int, ...]
-    """Records with the feature outside the device's hardware profile range, per feature."""
-    stuck: tuple[int, ...]
-    """Records ending a run of identical values of a should-vary feature, per feature."""
-    seq_missing: int
-    """Seqs absent between consecutive records."""
-    offset_min: float
-    """Smallest ``ts - ts_corrected`` (device wall clock minus the collector's estimate), seconds."""
-    offset_max: float
-
-    def __post_init__(self) -> None:
-        nf = len(self.feature_names)
-        if not len(self.missing) == len(self.out_of_range) == len(self.stuck) == nf:
-            raise ValueError("per-feature counters must have one entry per feature")
+QUALITY_KINDS: Final[Mapping[str, str]] = {
+    "missing_rate": "missing_values",
+    "out_of_range_rate": "out_of_range",
+    "stuck_records": "stuck_sensor",
+    "clock_skew_s": "clock_skew",
+    "seq_gap_rate": "seq_gap",
+    "flagged_rate": "sensor_flags",
+    "invalid_predictions": "invalid_predictions",
+}
+"""Data-quality check of the monitoring status -> alert kind. The mean delivery delay is not alerted on: a
+window is evaluated ``alert_grace_s`` after it closes, so the records it holds then are on time by
+construction (a device catching up after an outage delivers into windows already evaluated)."""
 
 
-def _worst(names: tuple[str, ...], counts: tuple[int, ...], n: int) -> list[dict[str, Any]]:
-    rows = [{"feature": f, "count": int(c), "share": c / n} for f, c in zip(names, counts, strict=True) if c > 0]
-    return sorted(rows, key=lambda r: -r["share"])
+class QualityCheckLike(Protocol):
+    """One decided data-quality check (:class:`collector.monitoring.service.QualityCheck`)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def value(self) -> float | None: ...
+    @property
+    def threshold(self) -> float: ...
+    @property
+    def verdict(self) -> str: ...
+    @property
+    def features(self) -> list[str]: ...
+    @property
+    def detail(self) -> str: ...
 
 
-def observe_quality(q: QualityCounts, policy: AlertPolicy = AlertPolicy()) -> dict[str, Observation]:
-    """The five data-quality kinds of one device window: missing values, out of range, stuck, clock skew, seq gaps.
+def observe_quality(checks: Sequence[QualityCheckLike]) -> dict[str, Observation]:
+    """The data-quality kinds of one device window, from the monitoring status's decided checks.
 
-    Each is unknown below ``policy.min_records`` records. ``stuck_sensor`` is bad as soon as any should-vary
-    feature ended a stuck run in the window (the sketch only counts runs of hundreds of bit-identical
-    readings, which a working sensor does not produce). ``seq_gap`` compares the missing seqs with the seqs
-    the window spans (records + missing).
+    A check's ``bad`` is bad, ``ok`` good and ``not_enough_data`` unknown; checks without an alert kind in
+    :data:`QUALITY_KINDS` are left out.
     """
     out: dict[str, Observation] = {}
-    if q.n < policy.min_records:
-        for kind in ("missing_values", "out_of_range", "stuck_sensor", "clock_skew", "seq_gap"):
-            out[kind] = Observation("unknown", message=f"{q.n} records < {policy.min_records}", details={"n": q.n})
-        return out
-
-    def share_rule(kind: str, counts: tuple[int, ...], limit: float, what: str) -> Observation:
-        rows = _worst(q.feature_names, counts, q.n)
-        bad = [r for r in rows if r["share"] > limit]
-        details = {"n": q.n, "threshold": limit, "features": rows[:10]}
-        if not bad:
-            return Observation(
-                "good", message=f"no feature {what} in more than {limit:.0%} of records", details=details
-            )
-        names = ", ".join(f"{r['feature']} ({r['share']:.0%})" for r in bad[:5])
-        return Observation("bad", "warning", f"{len(bad)} feature(s) {what} beyond {limit:.0%}: {names}", details)
-
-    out["missing_values"] = share_rule("missing_values", q.missing, policy.max_missing_share, "missing")
-    out["out_of_range"] = share_rule("out_of_range", q.out_of_range, policy.max_out_of_range_share, "out of range")
-    stuck = _worst(q.feature_names, q.stuck, q.n)
-    if stuck:
-        names = ", ".join(r["feature"] for r in stuck[:5])
-        out["stuck_sensor"] = Observation("bad", "warning", f"stuck readings on {names}", {"n": q.n, "features": stuck})
-    else:
-        out["stuck_sensor"] = Observation("good", message="no stuck sensor", details={"n": q.n, "features": []})
-    skew = max(abs(q.offset_min), abs(q.offset_max)) if math.isfinite(q.offset_min + q.offset_max) else 0.0
-    skew_details = {
-        "offset_min_s": q.offset_min,
-        "offset_max_s": q.offset_max,
-        "threshold_s": policy.max_clock_skew_s,
-    }
-    if skew > policy.max_clock_skew_s:
-        out["clock_skew"] = Observation(
-            "bad",
-            "warning",
-            f"device clock off by up to {skew:.0f} s (> {policy.max_clock_skew_s:.0f} s)",
-            skew_details,
+    for check in checks:
+        kind = QUALITY_KINDS.get(check.name)
+        if kind is None:
+            continue
+        details = jsonable(
+            {
+                "check": check.name,
+                "value": check.value,
+                "threshold": check.threshold,
+                "verdict": check.verdict,
+                "features": list(check.features),
+                "detail": check.detail,
+            }
         )
-    else:
-        out["clock_skew"] = Observation("good", message=f"clock skew {skew:.1f} s", details=skew_details)
-    spanned = q.n + q.seq_missing
-    share = q.seq_missing / spanned
-    gap_details = {"n": q.n, "seq_missing": q.seq_missing, "share": share, "threshold": policy.max_seq_missing_share}
-    if share > policy.max_seq_missing_share:
-        out["seq_gap"] = Observation(
-            "bad", "warning", f"{q.seq_missing} seqs missing ({share:.1%} of the window)", gap_details
-        )
-    else:
-        out["seq_gap"] = Observation("good", message=f"{q.seq_missing} seqs missing", details=gap_details)
+        if check.verdict == "bad":
+            where = f" on {', '.join(check.features[:5])}" if check.features else ""
+            value = "-" if check.value is None else f"{check.value:.4g}"
+            message = f"{check.name} {value} > {check.threshold:g}{where} ({check.detail})"
+            out[kind] = Observation("bad", "warning", message, details)
+        elif check.verdict == "ok":
+            out[kind] = Observation("good", message=f"{check.name} within {check.threshold:g}", details=details)
+        else:
+            out[kind] = Observation("unknown", message=f"{check.name}: not enough data", details=details)
     return out
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
@@ -15,16 +16,17 @@ from collector.monitoring.alerting import (
     InvalidTransition,
     Observation,
     OpenAlert,
-    QualityCounts,
     Step,
     Streaks,
     advance,
     condition_key,
+    jsonable,
     observe_accuracy,
     observe_drift,
     observe_quality,
     observe_region,
     observe_sequential,
+    reference_accuracy,
     transition,
     worse,
 )
@@ -230,48 +232,48 @@ def test_observe_region() -> None:
     )
 
 
-def quality(**over: object) -> QualityCounts:
-    base: dict[str, object] = {
-        "n": 1000,
-        "feature_names": ("temp", "co2"),
-        "missing": (0, 10),
-        "out_of_range": (0, 0),
-        "stuck": (0, 0),
-        "seq_missing": 0,
-        "offset_min": -1.0,
-        "offset_max": 2.0,
-    }
-    base.update(over)
-    return QualityCounts(**base)  # type: ignore[arg-type]
+@dataclass(frozen=True)
+class Check:
+    """Shaped like the monitoring service's decided data-quality check."""
+
+    name: str
+    value: float | None
+    threshold: float
+    verdict: str
+    features: list[str] = field(default_factory=list)
+    detail: str = ""
 
 
 def test_observe_quality() -> None:
-    policy = AlertPolicy()
-    good = observe_quality(quality(), policy)
-    assert {k: o.verdict for k, o in good.items()} == {
-        "missing_values": "good",
+    checks = [
+        Check("missing_rate", 0.2, 0.05, "bad", ["temp", "co2"], "share of missing values above 0.05"),
+        Check("out_of_range_rate", 0.0, 0.01, "ok"),
+        Check("stuck_records", None, 0, "not_enough_data"),
+        Check("clock_skew_s", math.inf, 30.0, "bad", [], "largest |device clock - collector estimate| (s)"),
+        Check("seq_gap_rate", 0.001, 0.01, "ok"),
+        Check("delivery_delay_s", 5000.0, 900.0, "bad"),
+    ]
+    obs = observe_quality(checks)
+    assert {k: o.verdict for k, o in obs.items()} == {
+        "missing_values": "bad",
         "out_of_range": "good",
-        "stuck_sensor": "good",
-        "clock_skew": "good",
+        "stuck_sensor": "unknown",
+        "clock_skew": "bad",
         "seq_gap": "good",
     }
-    bad = observe_quality(
-        quality(missing=(201, 0), out_of_range=(0, 51), stuck=(3, 0), seq_missing=53, offset_min=-301.0), policy
-    )
-    assert all(o.verdict == "bad" for o in bad.values())
-    assert bad["missing_values"].message == "1 feature(s) missing beyond 20%: temp (20%)"
-    assert bad["out_of_range"].details["features"] == [{"feature": "co2", "count": 51, "share": 0.051}]
-    assert bad["stuck_sensor"].message == "stuck readings on temp"
-    assert bad["clock_skew"].message == "device clock off by up to 301 s (> 300 s)"
-    # 53 missing of 1053 spanned seqs = 5.03% > 5%.
-    assert bad["seq_gap"].details["share"] == pytest.approx(53 / 1053)
-    # Exactly at the limits is still good (strictly beyond is bad).
-    edge = observe_quality(quality(missing=(200, 0), out_of_range=(50, 0), offset_max=300.0), policy)
-    assert [edge[k].verdict for k in ("missing_values", "out_of_range", "clock_skew")] == ["good"] * 3
-    few = observe_quality(quality(n=99), policy)
-    assert {o.verdict for o in few.values()} == {"unknown"}
-    with pytest.raises(ValueError):
-        quality(missing=(1,))
+    assert obs["missing_values"].message == "missing_rate 0.2 > 0.05 on temp, co2 (share of missing values above 0.05)"
+    assert obs["missing_values"].details["features"] == ["temp", "co2"]
+    # Non-finite values become null: the details go into a JSON column.
+    assert obs["clock_skew"].details["value"] is None
+
+
+def test_reference_accuracy_and_jsonable() -> None:
+    assert reference_accuracy({"test_accuracy": 0.96, "validation_accuracy": 0.9}) == 0.96
+    assert reference_accuracy({"validation_accuracy": 0.9}) == 0.9
+    assert reference_accuracy({"test_accuracy": math.nan}) is None
+    assert reference_accuracy({}) is None
+    assert jsonable({"a": (1, np.float32(0.5), math.inf), 2: np.arange(2)}) == {"a": [1, 0.5, None], "2": [0, 1]}
+    assert Observation("bad", details={"x": math.nan}).details == {"x": None}
 
 
 def test_observe_sequential() -> None:
@@ -284,9 +286,6 @@ def test_observe_sequential() -> None:
 
 
 def test_policy_validation() -> None:
-    with pytest.raises(ValueError):
-        AlertPolicy(min_expected_accuracy=1.5)
-    with pytest.raises(ValueError):
-        AlertPolicy(max_missing_share=1.0)
-    with pytest.raises(ValueError):
-        AlertPolicy(max_clock_skew_s=0)
+    for bad in ({"min_expected_accuracy": 1.5}, {"accuracy_margin": -0.1}, {"critical_drift_share": 2.0}):
+        with pytest.raises(ValueError):
+            AlertPolicy(**bad)
