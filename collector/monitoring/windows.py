@@ -31,7 +31,6 @@ from sqlalchemy.sql.schema import Table
 
 from collector.db.models import MonitoringWindow
 from collector.ingest.bulk import InferenceRows, WriteOutcome
-from collector.monitoring.catalog import ReferenceCatalog
 from collector.monitoring.sketches import DEFAULT_WINDOW_S, ReferenceBins, SketchError, WindowSketch, split_by_window
 
 log = logging.getLogger(__name__)
@@ -49,6 +48,9 @@ def load_reference_bins(bundles: Sequence[Path], key_files: Sequence[Path]) -> d
     trusted key no bundle is loaded (an unsigned reference would decide what drift is). The
     loading is :class:`~collector.monitoring.catalog.ReferenceCatalog`'s, shared with the service.
     """
+    # Imported here: the catalog imports sketches, which imports collector.ingest, which imports this module.
+    from collector.monitoring.catalog import ReferenceCatalog
+
     return ReferenceCatalog.from_paths(bundles, key_files).bins()
 
 
