@@ -37,6 +37,16 @@ Memory stays bounded: streams live in an LRU map of at most ``max_streams`` entr
 longer than ``idle_timeout`` seconds are evicted (their detector restarts from scratch if the device
 returns, which delays, never invents, an alarm).
 
+Speed: Page-Hinkley runs as :class:`BlockPageHinkley`, river's algorithm on a whole block at once with
+numpy (cumulative sums and running extrema; a Python step only at each detection), about 40 times faster
+than river's per-value ``update`` and with the same decisions (checked against river on seeded streams in
+the tests). ADWIN is river's own, value by value. river is imported only when an ADWIN is built.
+
+Transactions: ingest writes alarms in the transaction that stores their records, and a transaction can
+fail and be retried. Between :meth:`StreamDetectors.begin` and :meth:`~StreamDetectors.commit` every
+update works on copies of the streams it touches; :meth:`~StreamDetectors.rollback` drops them, so a
+retried block is not fed twice and an alarm whose rows were rolled back is raised again.
+
 Examples
 --------
 >>> import numpy as np
@@ -59,18 +69,20 @@ Myllyaho, L. et al. (2022). On misbehaviour and fault tolerance in machine learn
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
-from collections import OrderedDict
-from collections.abc import Callable
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal, TypeAlias
 
 import numpy as np
 import numpy.typing as npt
-from river import drift
-from river.base import DriftDetector
+
+if TYPE_CHECKING:
+    from river.drift import ADWIN
 
 log = logging.getLogger(__name__)
 
@@ -125,9 +137,11 @@ class DetectorSpec:
         if problems:
             raise ValueError("; ".join(problems))
 
-    def build(self, direction: Direction) -> DriftDetector:
-        """A fresh river detector watching for ``direction``."""
+    def build(self, direction: Direction) -> Detector:
+        """A fresh detector watching for ``direction`` (Page-Hinkley block-wise, ADWIN from river)."""
         if self.method == "adwin":
+            from river import drift  # imported on first use: river takes seconds to import
+
             return drift.ADWIN(
                 delta=self.adwin_delta,
                 clock=self.clock,
@@ -135,13 +149,89 @@ class DetectorSpec:
                 min_window_length=self.min_window_length,
                 grace_period=self.grace_period,
             )
-        return drift.PageHinkley(
+        return BlockPageHinkley(
             min_instances=self.min_instances,
             delta=self.delta,
             threshold=self.threshold,
             alpha=self.alpha,
-            mode="down" if direction == "drop" else "up",
+            up=direction == "increase",
         )
+
+
+@dataclass(slots=True)
+class BlockPageHinkley:
+    """river's one-sided ``PageHinkley`` (``mode="up"`` or ``"down"``), fed a block of values at a time.
+
+    Same state and the same decisions as river's (its quirks included: the decrease statistic starts
+    from a maximum of -1, and the detector resets on the value after a detection), but a block is
+    processed with cumulative sums: the running mean as ``(n0 * mean0 + cumsum(x)) / n``, the
+    cumulative deviation as a ``cumsum`` and its extremum by ``maximum.accumulate``/``minimum.accumulate``.
+    The running mean is rounded differently from river's incremental one (a few ulps), which moves a
+    decision only when a statistic lands within about 1e-12 of the threshold. With forgetting
+    (``alpha < 1``) the recursion runs value by value.
+    """
+
+    min_instances: int
+    delta: float
+    threshold: float
+    alpha: float
+    up: bool
+    n: int = 0
+    mean: float = 0.0
+    total: float = 0.0  # river's _sum_increase (up) or _sum_decrease (down)
+    extreme: float = math.nan  # river's _min_increase (up) or _max_decrease (down); set by reset()
+    drift_detected: bool = False
+
+    def __post_init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything, as river's ``_reset``."""
+        self.n, self.mean, self.total = 0, 0.0, 0.0
+        self.extreme = math.inf if self.up else -1.0
+        self.drift_detected = False
+
+    def update(self, x: float) -> None:
+        """One value (river's interface)."""
+        self.update_many(np.array([x], dtype=np.float64))
+
+    def update_many(self, values: npt.NDArray[np.float64]) -> list[int]:
+        """Feed ``values`` in order; return the positions at which a change was detected."""
+        hits: list[int] = []
+        pos, m = 0, int(values.size)
+        while pos < m:
+            if self.drift_detected:
+                self.reset()
+            x = values[pos:]
+            count = np.arange(self.n + 1, self.n + x.size + 1, dtype=np.float64)
+            means = (self.n * self.mean + np.cumsum(x)) / count
+            step = (x - means) - self.delta if self.up else (x - means) + self.delta
+            if self.alpha == 1.0:
+                totals = self.total + np.cumsum(step)
+            else:
+                totals = np.empty_like(step)
+                acc = self.total
+                for i, d in enumerate(step.tolist()):
+                    acc = self.alpha * acc + d
+                    totals[i] = acc
+            if self.up:
+                extremes = np.minimum(np.minimum.accumulate(totals), self.extreme)
+                stat = totals - extremes
+            else:
+                extremes = np.maximum(np.maximum.accumulate(totals), self.extreme)
+                stat = extremes - totals
+            over = np.flatnonzero((stat > self.threshold) & (count >= self.min_instances))
+            last = int(over[0]) if over.size else x.size - 1
+            self.n += last + 1
+            self.mean, self.total, self.extreme = float(means[last]), float(totals[last]), float(extremes[last])
+            self.drift_detected = bool(over.size)
+            if over.size:
+                hits.append(pos + last)
+            pos += last + 1
+        return hits
+
+
+Detector: TypeAlias = "BlockPageHinkley | ADWIN"
 
 
 DEFAULT_CALIBRATED = DetectorSpec()
@@ -156,7 +246,8 @@ class Alarm:
     """A change detected on one device stream.
 
     ``index`` counts the stream's values from 0 since its detector was created (eviction restarts it);
-    ``at`` is the triggering record's timestamp when given, else the time of the update.
+    ``at`` is the triggering record's timestamp when given, else the time of the update; ``position`` is
+    the triggering value's position in the ``values`` given to :meth:`StreamDetectors.update_many`.
     """
 
     device_id: str
@@ -167,16 +258,36 @@ class Alarm:
     at: float
     index: int
     value: float
+    # Where in the block it was raised: which record to name, not part of what the alarm is.
+    position: int = field(default=-1, compare=False)
 
 
 @dataclass(slots=True)
 class _Stream:
-    detector: DriftDetector
+    detector: Detector
     n_seen: int = 0
     last_seen: float = field(default=0.0)
 
+    def copy(self) -> _Stream:
+        """An independent copy (a staged update must not touch the live detector)."""
+        det = self.detector
+        # A Page-Hinkley state is a few numbers; an ADWIN holds its buckets (about 0.4 ms to copy).
+        clone = copy.copy(det) if isinstance(det, BlockPageHinkley) else copy.deepcopy(det)
+        return _Stream(clone, self.n_seen, self.last_seen)
+
 
 StreamKey = tuple[str, str, str]
+_COUNTERS = ("n_alarms", "n_skipped", "n_ignored")
+
+
+@dataclass
+class _Staged:
+    """What a transaction changed: copies of the streams it touched, streams it forgot, counters."""
+
+    streams: dict[StreamKey, _Stream] = field(default_factory=dict)
+    forgotten: set[StreamKey] = field(default_factory=set)
+    counts: Counter[str] = field(default_factory=Counter)
+    now: float = -math.inf
 
 
 class StreamDetectors:
@@ -219,15 +330,16 @@ class StreamDetectors:
         self.reset()
 
     def reset(self) -> None:
-        """Forget every stream and zero the counters."""
+        """Forget every stream and zero the counters (and drop a transaction in progress)."""
         self._streams: OrderedDict[StreamKey, _Stream] = OrderedDict()
+        self._staged: _Staged | None = None
         self.n_alarms = 0
         self.n_evicted = 0
         self.n_skipped = 0
         self.n_ignored = 0
 
     def __len__(self) -> int:
-        """Number of live streams."""
+        """Number of live streams (committed ones, during a transaction)."""
         return len(self._streams)
 
     def spec(self, signal: str) -> DetectorSpec:
@@ -238,8 +350,63 @@ class StreamDetectors:
             return self.coact
         raise ValueError(f"unknown signal {signal!r}; expected 'calibrated' or 'coact'")
 
+    # ------------------------------------------------------------------------------ transactions
+
+    def begin(self) -> None:
+        """Stage every update until :meth:`commit` (or drop them with :meth:`rollback`)."""
+        self._staged = _Staged()
+
+    def commit(self) -> None:
+        """Make the staged updates live: touched streams replace theirs, forgotten ones go, counters add up."""
+        staged, self._staged = self._staged, None
+        if staged is None:
+            return
+        for key in staged.forgotten:
+            self._streams.pop(key, None)
+        for key, stream in staged.streams.items():
+            self._streams[key] = stream
+            self._streams.move_to_end(key)
+        self._bound()
+        for name, n in staged.counts.items():
+            setattr(self, name, getattr(self, name) + n)
+        if math.isfinite(staged.now):
+            self.evict_idle(staged.now)
+
+    def rollback(self) -> None:
+        """Drop the staged updates: the streams are as they were at :meth:`begin`."""
+        self._staged = None
+
+    @property
+    def in_transaction(self) -> bool:
+        """True between :meth:`begin` and :meth:`commit`/:meth:`rollback`."""
+        return self._staged is not None
+
+    def _count(self, name: str, n: int) -> None:
+        if self._staged is not None:
+            self._staged.counts[name] += n
+        else:
+            setattr(self, name, getattr(self, name) + n)
+
+    # ------------------------------------------------------------------------------ streams
+
+    def forget(self, device_id: str, model_version: str, signals: Iterable[Signal] = ("calibrated", "coact")) -> None:
+        """Drop the streams of ``device_id``/``model_version``: its next value starts a fresh detector."""
+        for signal in signals:
+            key = (device_id, model_version, signal)
+            if self._staged is not None:
+                self._staged.streams.pop(key, None)
+                self._staged.forgotten.add(key)
+            else:
+                self._streams.pop(key, None)
+
     def evict_idle(self, now: float) -> int:
-        """Drop streams idle for more than ``idle_timeout`` seconds at ``now``; return how many."""
+        """Drop streams idle for more than ``idle_timeout`` seconds at ``now``; return how many.
+
+        During a transaction this waits for the commit (which evicts at the latest ``now`` it saw).
+        """
+        if self._staged is not None:
+            self._staged.now = max(self._staged.now, now)
+            return 0
         horizon = now - self.idle_timeout
         evicted = 0
         # Streams are ordered by last update, oldest first, so the scan stops at the first live one.
@@ -252,7 +419,20 @@ class StreamDetectors:
         self.n_evicted += evicted
         return evicted
 
+    def _bound(self) -> None:
+        while len(self._streams) > self.max_streams:
+            self._streams.popitem(last=False)
+            self.n_evicted += 1
+
     def _stream(self, key: StreamKey, spec: DetectorSpec, direction: Direction, now: float) -> _Stream:
+        staged = self._staged
+        if staged is not None:
+            stream = staged.streams.get(key)
+            if stream is None:
+                live = None if key in staged.forgotten else self._streams.get(key)
+                stream = live.copy() if live is not None else _Stream(spec.build(direction), last_seen=now)
+                staged.streams[key] = stream
+            return stream
         stream = self._streams.get(key)
         if stream is None:
             while len(self._streams) >= self.max_streams:
@@ -294,8 +474,10 @@ class StreamDetectors:
         elif not math.isfinite(now):
             raise ValueError(f"now must be a finite time in seconds, got {now!r}")
         finite = np.isfinite(arr)
+        kept: npt.NDArray[np.intp] | None = None  # positions of the finite values in ``values``
         if not finite.all():
-            self.n_skipped += int(arr.size - np.count_nonzero(finite))
+            self._count("n_skipped", int(arr.size - np.count_nonzero(finite)))
+            kept = np.flatnonzero(finite)
             arr = arr[finite]
             if stamps is not None:
                 stamps = stamps[finite]
@@ -305,12 +487,12 @@ class StreamDetectors:
         stream.last_seen = now
         if arr.size == 0:
             return []
-        scaled = (arr / spec.scale).tolist() if spec.scale != 1.0 else arr.tolist()
+        scaled = arr / spec.scale if spec.scale != 1.0 else arr
         detector = stream.detector
-        if isinstance(detector, drift.ADWIN):
-            hits = self._run_adwin(detector, scaled, direction)
+        if isinstance(detector, BlockPageHinkley):
+            hits = detector.update_many(scaled)
         else:
-            hits = self._run(detector, scaled)
+            hits = self._run_adwin(detector, scaled.tolist(), direction)
         start = stream.n_seen
         stream.n_seen += arr.size
         alarms = [
@@ -323,29 +505,20 @@ class StreamDetectors:
                 at=float(stamps[i]) if stamps is not None and math.isfinite(stamps[i]) else now,
                 index=start + i,
                 value=float(arr[i]),
+                position=i if kept is None else int(kept[i]),
             )
             for i in hits
         ]
         if alarms:
-            self.n_alarms += len(alarms)
+            self._count("n_alarms", len(alarms))
             log.info("%d %s alarm(s) on %s/%s", len(alarms), signal, device_id, model_version)
         return alarms
 
-    @staticmethod
-    def _run(detector: DriftDetector, values: list[float]) -> list[int]:
-        # Page-Hinkley is one-sided by its mode, so every detection is an alarm.
-        update = detector.update
-        hits = []
-        for i, x in enumerate(values):
-            update(x)
-            if detector.drift_detected:
-                hits.append(i)
-        return hits
-
-    def _run_adwin(self, detector: drift.ADWIN, values: list[float], direction: Direction) -> list[int]:
+    def _run_adwin(self, detector: ADWIN, values: list[float], direction: Direction) -> list[int]:
         # ADWIN is two-sided: on a detection it drops its older sub-window; the sign of (kept mean - dropped
         # mean) gives the direction of the change.
         hits = []
+        ignored = 0
         for i, x in enumerate(values):
             total, width = detector.total, detector.width
             detector.update(x)
@@ -360,5 +533,7 @@ class StreamDetectors:
             if (kept_mean < dropped_mean) == (direction == "drop"):
                 hits.append(i)
             else:
-                self.n_ignored += 1
+                ignored += 1
+        if ignored:
+            self._count("n_ignored", ignored)
         return hits

@@ -12,6 +12,7 @@ from collector.monitoring.sequential import (
     DEFAULT_CALIBRATED,
     DEFAULT_COACT,
     Alarm,
+    BlockPageHinkley,
     DetectorMethod,
     DetectorSpec,
     Signal,
@@ -212,3 +213,61 @@ def test_missing_timestamps_do_not_evict_everything() -> None:
     alarms = d.update_many("dev", "m1", calibrated, signal="calibrated", times=times)
     assert [(a.index, a.at) for a in alarms] == [(1095, 50.0)]
     assert len(d) == 2 and d.n_evicted == 0
+
+
+@pytest.mark.parametrize(("up", "alpha"), [(False, 1.0), (True, 1.0), (False, 1 - 1e-3), (True, 1 - 1e-3)])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_block_page_hinkley_decides_exactly_as_river(up: bool, alpha: float, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    # Three regimes, so both directions change and the detector resets after each detection.
+    values = np.concatenate([rng.beta(8, 2, 700), rng.beta(5, 3, 700), rng.beta(9, 1, 700)])
+    values = values if not up else 1.0 - values
+    river_ph = drift.PageHinkley(min_instances=30, delta=0.02, threshold=5.0, alpha=alpha, mode="up" if up else "down")
+    expected = []
+    for i, x in enumerate(values):
+        river_ph.update(x)
+        if river_ph.drift_detected:
+            expected.append(i)
+    ours = BlockPageHinkley(min_instances=30, delta=0.02, threshold=5.0, alpha=alpha, up=up)
+    got: list[int] = []
+    start = 0
+    while start < values.size:
+        stop = min(values.size, start + int(rng.integers(1, 400)))
+        got += [start + i for i in ours.update_many(values[start:stop])]
+        start = stop
+    assert expected and got == expected
+    if not river_ph.drift_detected:
+        assert ours.n == river_ph._x_mean.n and ours.mean == pytest.approx(river_ph._x_mean.get(), abs=1e-12)
+
+
+def test_a_rolled_back_transaction_leaves_the_streams_as_they_were() -> None:
+    calibrated, coact = step_streams(42)
+    d = detectors("page_hinkley")
+    d.update_many("dev", "m1", calibrated[:1000], signal="calibrated", now=0.0)
+    d.begin()
+    staged = d.update_many("dev", "m1", calibrated[1000:], signal="calibrated", now=1.0)
+    d.update_many("dev-new", "m1", coact, signal="coact", now=1.0)
+    assert [a.index for a in staged] == [1095] and len(d) == 1 and d.n_alarms == 0  # nothing live yet
+    d.rollback()
+    assert len(d) == 1 and d.n_alarms == 0
+    # The same values again: the same alarm, once, as if the failed attempt had never happened.
+    d.begin()
+    again = d.update_many("dev", "m1", calibrated[1000:], signal="calibrated", now=1.0)
+    d.commit()
+    assert again == staged and again[0].position == 95 and d.n_alarms == 1 and len(d) == 1
+
+
+def test_forget_restarts_a_stream_and_is_transactional() -> None:
+    calibrated, _ = step_streams(42)
+    d = detectors("page_hinkley")
+    d.update_many("dev", "m1", calibrated[:1000], signal="calibrated", now=0.0)
+    d.begin()
+    d.forget("dev", "m1")
+    d.rollback()
+    assert [a.index for a in d.update_many("dev", "m1", calibrated[1000:1200], signal="calibrated", now=0.0)] == [1095]
+    d.begin()
+    d.forget("dev", "m1")
+    # Judged against its own history only, the lower level is no change.
+    assert d.update_many("dev", "m1", calibrated[1000:], signal="calibrated", now=0.0) == []
+    d.commit()
+    assert len(d) == 1
