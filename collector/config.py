@@ -246,6 +246,47 @@ class Settings(BaseSettings):
         description="Mean delay (s) from a record's time to its arrival above which data quality is bad (records "
         "later than a window reach its status after it was evaluated).",
     )
+    monitoring_profiles: list[Path] | None = Field(
+        None,
+        description="Hardware profile YAML files, or folders of them, that ingest checks feature values against "
+        "(the profile a batch names; as a JSON array in FLEET_MONITORING_PROFILES). Default (unset): the "
+        "repository's firmware_configs/ next to the package, when it exists. Records naming an unknown profile "
+        "are counted and stored without range checks.",
+    )
+    monitoring_sequential_enabled: bool = Field(
+        True,
+        description="Run per-device sequential detectors (calibrated confidence drop, rare co-activation rise) "
+        "over newly ingested records and store their alarms in sequential_alarm (with monitoring_enabled).",
+    )
+    monitoring_sequential_method: Literal["page_hinkley", "adwin"] = Field(
+        "page_hinkley", description="Sequential detector: page_hinkley (vectorised, the default) or adwin (river)."
+    )
+    monitoring_sequential_calibrated_threshold: float = Field(
+        10.0,
+        gt=0,
+        description="Page-Hinkley threshold (lambda) on calibrated confidence: higher means fewer, later alarms.",
+    )
+    monitoring_sequential_calibrated_delta: float = Field(
+        0.02, ge=0, description="Page-Hinkley tolerated change (delta) of calibrated confidence."
+    )
+    monitoring_sequential_coact_threshold: float = Field(
+        20.0, gt=0, description="Page-Hinkley threshold on the rare co-activation count divided by its reference p99."
+    )
+    monitoring_sequential_coact_delta: float = Field(
+        0.05, ge=0, description="Page-Hinkley tolerated change of the rare co-activation count (over its p99)."
+    )
+    monitoring_sequential_min_instances: int = Field(
+        30, ge=1, description="Records a Page-Hinkley stream sees (after a start or an alarm) before it may alarm."
+    )
+    monitoring_sequential_adwin_delta: float = Field(
+        0.002, gt=0, lt=1, description="ADWIN confidence (with monitoring_sequential_method adwin)."
+    )
+    monitoring_sequential_idle_s: float = Field(
+        6 * 3600.0, gt=0, description="Seconds without records after which a device's detector stream is forgotten."
+    )
+    monitoring_sequential_max_devices: int = Field(
+        25_000, ge=1, description="Most devices whose detector streams are kept in memory (least recent dropped)."
+    )
     auto_migrate: bool = Field(True, description="Upgrade the database schema to the newest migration at start.")
     http_host: str = Field("127.0.0.1", description="Address the HTTP API and dashboard listen on.")
     http_port: int = Field(8000, ge=1, le=65535, description="Port the HTTP API and dashboard listen on.")

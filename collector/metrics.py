@@ -91,3 +91,22 @@ MODEL_EXPECTED_ACCURACY = Gauge(
     "Fleet-wide label-free expected accuracy of the last evaluated window (mean calibrated confidence).",
     ["model_name", "model_version"],
 )
+
+# Data quality and sequential detectors at ingest (collector.monitoring.windows / .streams).
+MONITORING_UNKNOWN_PROFILE = Counter(
+    "fleet_monitoring_unknown_profile_records_total",
+    "Inserted records sketched without range checks: their batch names a hardware profile the collector has "
+    "not loaded (monitoring_profiles).",
+)
+SEQUENTIAL_ALARMS = Counter(
+    "fleet_monitoring_sequential_alarms_total",
+    "Sequential detector alarms stored in sequential_alarm, by signal (calibrated: confidence drop; coact: rare "
+    "co-activation rise).",
+    ["signal"],
+)
+SEQUENTIAL_STALE = Counter(
+    "fleet_monitoring_sequential_stale_records_total",
+    "Inserted records not fed to a sequential detector: older than their device's stream after it moved to another "
+    "spool epoch or model (a late re-send).",
+)
+SEQUENTIAL_STREAMS = Gauge("fleet_monitoring_sequential_devices", "Devices whose sequential detector streams are live.")

@@ -20,6 +20,12 @@ acknowledged instead of holding it in flight.
 Acks (see docs/PROTOCOL.md): a decoded batch gets one Ack naming every seq it settled (new,
 duplicate or conflicting), split if its JSON would pass the device's 64 KiB limit; a payload
 rejected whole gets a quarantined Ack naming its envelope range, when the envelope can be read.
+
+Monitoring (with ``monitoring_enabled``): in the same transaction, the newly stored records are
+sketched into their windows, range-checked against their device's hardware profile
+(:mod:`collector.monitoring.windows`), and fed to the per-device sequential detectors, whose alarms
+are stored as ``sequential_alarm`` rows (:mod:`collector.monitoring.streams`). The detectors' state
+follows the transaction: it becomes live when the group commits and is dropped when it fails.
 """
 
 from __future__ import annotations
@@ -50,7 +56,8 @@ from collector.config import Settings
 from collector.db.engine import make_engine
 from collector.db.models import NAME_LEN, DeclaredGap, Device, DeviceEvent, Inference, IngestBatch, Quarantine
 from collector.ingest.bulk import InferenceRows, WriteOutcome, write_inferences
-from collector.monitoring.windows import WindowWriter, load_reference_bins
+from collector.monitoring.streams import SequentialWatch
+from collector.monitoring.windows import NewRecords, WindowWriter, load_reference_bins
 from collector.mqtt import CollectorMqtt, InboundMessage
 from shared import messages, topics
 from shared.codec import DEFAULT_LIMITS, MAGIC, Batch, BatchError, decode_batch
@@ -295,6 +302,9 @@ class Prepared:
     outcomes: list[WriteOutcome] = field(default_factory=list)
     new_lost: int = 0  # records of gaps this batch declared for the first time
     unsketched: int = 0  # new records not sketched into monitoring windows (model version without a bundle)
+    unranged: int = 0  # new records sketched without range checks (the batch's hardware profile is unknown)
+    alarms: Counter[str] = field(default_factory=Counter)  # sequential alarms raised on its records, per signal
+    stale: int = 0  # new records not fed to the sequential detectors (older than their device's new stream)
     settled: bool = False  # committed and accounted for
 
     @property
@@ -312,6 +322,8 @@ class Prepared:
         self.reason, self.detail = reason, clean_text(detail)
         self.batch, self.rows, self.status, self.event, self.reported = None, [], None, None, None
         self.outcomes, self.new_lost = [], 0
+        self.unsketched = self.unranged = self.stale = 0
+        self.alarms = Counter()
         return self
 
 
@@ -397,6 +409,9 @@ class _Stats:
     records_duplicate: int = 0
     records_conflict: int = 0
     declared_lost: int = 0
+    records_unsketched: int = 0
+    records_unranged: int = 0
+    sequential_alarms: Counter[str] = field(default_factory=Counter)
     batches: int = 0
     groups: int = 0
     commits: int = 0
@@ -417,9 +432,12 @@ class Ingest:
         self._own_engine = engine is None
         self.engine = engine if engine is not None else make_engine(settings.database)
         self.windows: WindowWriter | None = None
+        self.streams: SequentialWatch | None = None
         if settings.monitoring_enabled:
             bins = load_reference_bins(settings.monitoring_bundles, settings.monitoring_trusted_keys)
-            self.windows = WindowWriter(bins, settings.monitoring_window_s)
+            self.windows = WindowWriter.from_settings(settings, bins)
+            if settings.monitoring_sequential_enabled:
+                self.streams = SequentialWatch.from_settings(settings, bins)
         self._queue: queue.SimpleQueue[InboundMessage] = queue.SimpleQueue()  # bounded in _enqueue
         self.mqtt = CollectorMqtt(settings, self._enqueue)
         self._stop = threading.Event()
@@ -567,6 +585,9 @@ class Ingest:
                 "records_duplicate": s.records_duplicate,
                 "records_conflict": s.records_conflict,
                 "declared_lost": s.declared_lost,
+                "records_unsketched": s.records_unsketched,
+                "records_unranged": s.records_unranged,
+                "sequential_alarms": dict(s.sequential_alarms),
                 "batches": s.batches,
                 "groups": s.groups,
                 "commits": s.commits,
@@ -732,8 +753,19 @@ class Ingest:
     # ------------------------------------------------------------------------- the transaction
 
     def _transaction(self, items: list[Prepared]) -> list[tuple[str, messages.Ack]]:
-        with self.engine.connect().execution_options(sqlite_begin="IMMEDIATE") as conn, conn.begin():
-            return write_group(conn, items, self.settings.quarantine_max_payload_bytes, self.windows)
+        streams = self.streams
+        if streams is not None:
+            streams.begin()  # detector state follows the transaction: live on commit, dropped on failure
+        try:
+            with self.engine.connect().execution_options(sqlite_begin="IMMEDIATE") as conn, conn.begin():
+                acks = write_group(conn, items, self.settings.quarantine_max_payload_bytes, self.windows, streams)
+        except BaseException:
+            if streams is not None:
+                streams.rollback()
+            raise
+        if streams is not None:
+            streams.commit()
+        return acks
 
     def _after_commit(self, items: list[Prepared], acks: list[tuple[str, messages.Ack]]) -> None:
         skipped = 0
@@ -745,7 +777,8 @@ class Ingest:
         self._account(items, len(acks), skipped)
 
     def _account(self, items: list[Prepared], n_acks: int, skipped: int) -> None:
-        inserted = duplicate = conflict = lost = batches = unsketched = 0
+        inserted = duplicate = conflict = lost = batches = unsketched = unranged = stale = 0
+        alarms: Counter[str] = Counter()
         kinds: Counter[str] = Counter()
         reasons: Counter[str] = Counter()
         for item in items:
@@ -763,6 +796,9 @@ class Ingest:
                 batches += 1
                 lost += item.new_lost
                 unsketched += item.unsketched
+                unranged += item.unranged
+                stale += item.stale
+                alarms.update(item.alarms)
         for kind, n in kinds.items():
             metrics.INGEST_MESSAGES.labels(kind).inc(n)
         for reason, n in reasons.items():
@@ -772,6 +808,12 @@ class Ingest:
         metrics.INGEST_RECORDS.labels("conflict").inc(conflict)
         metrics.INGEST_DECLARED_LOST.inc(lost)
         metrics.MONITORING_UNSKETCHED.inc(unsketched)
+        metrics.MONITORING_UNKNOWN_PROFILE.inc(unranged)
+        metrics.SEQUENTIAL_STALE.inc(stale)
+        for signal, n in alarms.items():
+            metrics.SEQUENTIAL_ALARMS.labels(signal).inc(n)
+        if self.streams is not None:
+            metrics.SEQUENTIAL_STREAMS.set(len(self.streams))
         metrics.INGEST_COMMITS.inc()
         metrics.INGEST_GROUP_MESSAGES.observe(len(items))
         metrics.INGEST_QUEUE_DEPTH.dec(len(items))
@@ -783,6 +825,9 @@ class Ingest:
             s.records_duplicate += duplicate
             s.records_conflict += conflict
             s.declared_lost += lost
+            s.records_unsketched += unsketched
+            s.records_unranged += unranged
+            s.sequential_alarms.update(alarms)
             s.batches += batches
             s.groups += 1
             s.commits += 1
@@ -825,11 +870,17 @@ class _DeviceChange:
 
 
 def write_group(
-    conn: Connection, items: list[Prepared], cap: int, windows: WindowWriter | None = None
+    conn: Connection,
+    items: list[Prepared],
+    cap: int,
+    windows: WindowWriter | None = None,
+    streams: SequentialWatch | None = None,
 ) -> list[tuple[str, messages.Ack]]:
     """Everything of one group, on ``conn`` inside its transaction; returns the Acks to publish after commit.
 
-    With ``windows``, the newly inserted records are also sketched into their monitoring windows.
+    With ``windows``, the newly inserted records are also sketched into their monitoring windows
+    (range-checked against the hardware profile their batch names); with ``streams``, they are fed
+    to the sequential detectors and the alarms raised are inserted.
     """
     devices: dict[str, _DeviceChange] = {}
     for item in items:
@@ -863,10 +914,14 @@ def write_group(
     for it in telemetry:
         it.outcomes = outcomes[pos : pos + len(it.rows)]
         pos += len(it.rows)
-    if windows is not None and telemetry:
-        missed = windows.write(conn, [(it.rows, it.outcomes) for it in telemetry])
-        for it, n in zip(telemetry, missed, strict=True):
-            it.unsketched = n
+    if telemetry and (windows is not None or streams is not None):
+        written = [NewRecords(it.rows, it.outcomes, it.batch.profile if it.batch else None) for it in telemetry]
+        if windows is not None:
+            for it, missed in zip(telemetry, windows.write(conn, written), strict=True):
+                it.unsketched, it.unranged = missed.unsketched, missed.unranged
+        if streams is not None:
+            for it, seen in zip(telemetry, streams.observe(conn, written), strict=True):
+                it.alarms, it.stale = seen.alarms, seen.stale
 
     quarantine: list[dict[str, Any]] = []
     batch_rows: list[dict[str, Any]] = []
