@@ -1,0 +1,381 @@
+"""The monitoring service on windows written by real ingest of encoded batches, on SQLite and PostgreSQL.
+
+Records are realistic: rows of the committed cabin dataset that the reference bundle held out from
+training (exactly where its score distributions come from), run through the bundle's own TFLite
+model with its calibration and rare-pair mask, so a stationary scope is stationary for every test
+(features, class mix, confidence, PCA error, co-activations) and a drift is a real input shift
+that the model's outputs follow.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sqlalchemy.engine import Engine
+from sqlmodel import Session
+
+from collector.config import Settings
+from collector.db import make_engine, upgrade
+from collector.db.models import Device
+from collector.ingest.service import prepare, write_group
+from collector.monitoring.catalog import ReferenceCatalog
+from collector.monitoring.drift import benjamini_hochberg
+from collector.monitoring.service import MonitoringService, Scope, resolve_devices
+from collector.monitoring.windows import WindowWriter
+from collector.mqtt import InboundMessage
+from collector.training.labelled import load_labelled_csv, stratified_split
+from collector.training.reference import bin_index
+from shared.bundle import Manifest, calibrate, load_bundle, rare_pair_indices
+from shared.codec import encode_batch
+from shared.interpreter import load_interpreter
+from shared.signing import load_public_keys
+from tests.shared.test_codec import make_batch, make_block
+
+REPO = Path(__file__).resolve().parents[3]
+CABIN_BUNDLE = REPO / "edge_agent" / "bundles" / "cabin-v1.tar"
+CABIN_CSV = REPO / "collector" / "training" / "data" / "cabin_v1.csv.gz"
+DEV_PUB = REPO / "edge_agent" / "keys" / "dev-release.pub"
+WINDOW_S = 10.0
+T0 = 1_760_000_000.0  # a multiple of WINDOW_S
+RATE_HZ = 10.0
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Cabin:
+    """The reference model and its held-out rows, ready to be turned into records."""
+
+    manifest: Manifest
+    model: bytes
+    x: np.ndarray  # float32 [n, F] held-out feature rows
+    y: np.ndarray  # int label index
+    x64: np.ndarray  # the same rows as the trainer read them (float64 from the CSV)
+
+    @functools.cached_property
+    def wire_unresolved(self) -> frozenset[str]:
+        """Features of which more than 1 % of held-out rows change reference bin when rounded to float16.
+
+        The reference's quantile edges sit on tied training values (mass points), so the float16
+        the agent sends (``feature_precision="auto"``) moves whole mass points across an edge:
+        a stationary stream drifts on these features by construction, until the trainer places
+        edges between distinct values. Measured here, not listed by hand.
+        """
+        out = set()
+        for f, ref in enumerate(self.manifest.reference.features):
+            edges = np.asarray(ref.histogram.edges)
+            exact = bin_index(self.x64[:, f], edges)
+            wire = bin_index(self.x64[:, f].astype(np.float16).astype(np.float64), edges)
+            if (exact != wire).mean() > 0.01:
+                out.add(ref.name)
+        return frozenset(out)
+
+    def outputs(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """What the agent computes for inputs ``x``: probabilities, calibrated probabilities, coact, hidden."""
+        m = self.manifest
+        interp = load_interpreter(self.model)
+        z = (x - np.asarray(m.normalisation.mean, np.float32)) / np.asarray(m.normalisation.std, np.float32)
+        inp = interp.get_input_details()[m.input.index]["index"]
+        outs = interp.get_output_details()
+        po, ho = outs[m.probabilities.index]["index"], outs[m.hidden.index]["index"]
+        probs = np.empty((len(z), len(m.labels)), np.float32)
+        hidden = np.empty((len(z), m.n_hidden), np.float32)
+        for k in range(len(z)):
+            interp.set_tensor(inp, np.ascontiguousarray(z[k : k + 1]))
+            interp.invoke()
+            probs[k] = interp.get_tensor(po)[0]
+            hidden[k] = interp.get_tensor(ho)[0]
+        cal = calibrate(probs, m.calibration.temperature)
+        i, j = rare_pair_indices(m.reference.coactivation, m.n_hidden)
+        active = hidden > 0
+        coact = (active[:, i] & active[:, j]).sum(axis=1)
+        return probs, cal, coact, hidden
+
+
+@functools.cache
+def cabin() -> Cabin:
+    """Load once per session (the CSV takes about a second)."""
+    if not CABIN_BUNDLE.exists() or not CABIN_CSV.exists():
+        pytest.skip("the cabin bundle or dataset is not committed")
+    bundle = load_bundle(CABIN_BUNDLE, load_public_keys([DEV_PUB]), check_tensors=False)
+    m = bundle.manifest
+    table = load_labelled_csv(CABIN_CSV, label_column="label", feature_columns=list(m.features))
+    # The trainer's own split (seed 0): validation + test rows are what the reference scores describe.
+    _, val, test = stratified_split(table.y, seed=0)
+    held = np.concatenate([val, test])
+    x64 = np.asarray(table.x, dtype=np.float64)[held]
+    return Cabin(m, bundle.model, x64.astype(np.float32), np.asarray(table.y)[held], x64)
+
+
+def records_message(
+    device: str,
+    n: int,
+    *,
+    first_seq: int = 0,
+    t0: float = T0,
+    seed: int = 0,
+    shift: dict[str, float] | None = None,
+    version: str | None = None,
+    labelled: bool = False,
+) -> InboundMessage:
+    """One encoded telemetry batch of ``n`` records of ``device`` (0.1 s apart from ``t0``).
+
+    ``shift`` adds a constant to named features before the model sees them (a drifted sensor).
+    """
+    c = cabin()
+    m = c.manifest
+    rng = np.random.default_rng(seed)
+    rows = rng.choice(len(c.x), size=n, replace=False)
+    x = c.x[rows].copy()
+    for name, delta in (shift or {}).items():
+        x[:, m.features.index(name)] += np.float32(delta)
+    probs, cal, coact, hidden = c.outputs(x)
+    base = make_block(n, first_seq=first_seq, seed=seed, features=len(m.features), classes=len(m.labels))
+    ts = t0 + np.arange(n) / RATE_HZ
+    block = dataclasses.replace(
+        base,
+        model_name=m.name,
+        model_version=version or m.version,
+        ts=ts,
+        mono=500.0 + np.arange(n) / RATE_HZ,
+        pred=probs.argmax(axis=1).astype(np.int16),
+        probs=probs.astype(np.float16),
+        confidence=probs.max(axis=1).astype(np.float16),
+        calibrated=cal.max(axis=1).astype(np.float16),
+        features=x,
+        act_bits=np.packbits(hidden > 0, axis=1),
+        hidden_units=m.n_hidden,
+        act_sample_idx=np.zeros(0, np.uint32),
+        act_sample=np.zeros((0, m.n_hidden), np.float16),
+        coact=coact.astype(np.uint16),
+        label=(c.y[rows] if labelled else np.full(n, -1)).astype(np.int16),
+    )
+    batch = make_batch(
+        block,
+        device_id=device,
+        seq_first=first_seq,
+        seq_last=first_seq + n - 1,
+        gaps=[],
+        sent_at=float(ts[-1]) + 1.0,
+    )
+    return InboundMessage(
+        mid=1,
+        qos=1,
+        topic=f"fleet/v1/{device}/telemetry",
+        payload=encode_batch(batch),
+        received_at=float(ts[-1]) + 2.0,
+        session=1,
+    )
+
+
+def ingest(engine: Engine, writer: WindowWriter | None, messages: Sequence[InboundMessage]) -> None:
+    """Write ``messages`` as ingest does (one transaction), sketching into ``writer``'s windows."""
+    items = [prepare(m) for m in messages]
+    for item in items:
+        assert item.reason is None, item.detail
+    with engine.connect().execution_options(sqlite_begin="IMMEDIATE") as conn, conn.begin():
+        write_group(conn, items, 1 << 20, writer)
+
+
+def tag_devices(engine: Engine, tags: dict[str, list[str]]) -> None:
+    """Set the reported tags of devices (ingest registered them)."""
+    with Session(engine) as s:
+        for device, t in tags.items():
+            row = s.get(Device, device)
+            assert row is not None
+            row.tags = t
+            s.add(row)
+        s.commit()
+
+
+def settings_for(url: str) -> Settings:
+    return Settings(
+        database_url=url,
+        mqtt_url="mqtt://127.0.0.1:1",
+        monitoring_bundles=[CABIN_BUNDLE],
+        monitoring_trusted_keys=[DEV_PUB],
+        monitoring_window_s=WINDOW_S,
+    )
+
+
+@functools.cache
+def catalog() -> ReferenceCatalog:
+    cat = ReferenceCatalog.from_paths([CABIN_BUNDLE], [DEV_PUB])
+    assert len(cat) == 1
+    return cat
+
+
+DRIFT = {"temperature_c": 8.0, "humidity_pct": 25.0, "audio_rms_dbfs": 12.0}
+
+
+def fleet(engine: Engine) -> None:
+    """Four devices, 300 records each over three 10-s windows: group a stationary, group b drifted.
+
+    Plus veh-c1 with 20 records (too few for anything) and 50 records of a version without a bundle.
+    """
+    writer = WindowWriter(catalog().bins(), WINDOW_S)
+    msgs = []
+    for k, device in enumerate(["veh-a1", "veh-a2", "veh-b1", "veh-b2"]):
+        shift = DRIFT if device.startswith("veh-b") else None
+        msgs.append(records_message(device, 300, seed=k, shift=shift))
+    msgs.append(records_message("veh-c1", 20, seed=7))
+    # A version without a reference: stored and counted, never sketched.
+    msgs.append(records_message("veh-a1", 50, first_seq=1000, seed=9, version="9.9.9"))
+    ingest(engine, writer, msgs)
+    tag_devices(
+        engine,
+        {
+            "veh-a1": ["group:a", "site:x"],
+            "veh-a2": ["group:a"],
+            "veh-b1": ["group:b"],
+            "veh-b2": ["group:b", "group:a-not"],
+        },
+    )
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest) -> str:
+    url: str = request.getfixturevalue("sqlite_url" if request.param == "sqlite" else "pg_url")
+    upgrade(url)
+    return url
+
+
+@pytest.fixture
+def service(db_url: str) -> Iterator[MonitoringService]:
+    engine = make_engine(db_url)
+    fleet(engine)
+    yield MonitoringService(engine, catalog(), settings_for(db_url))
+    engine.dispose()
+
+
+def test_groups_resolve_through_tags(service: MonitoringService) -> None:
+    with service.engine.connect() as conn:
+        assert resolve_devices(conn) is None
+        assert resolve_devices(conn, group="a") == ["veh-a1", "veh-a2"]
+        assert resolve_devices(conn, group="b") == ["veh-b1", "veh-b2"]
+        assert resolve_devices(conn, group="nope") == []
+        assert resolve_devices(conn, device_ids=["veh-b2", "veh-a1"], group="a") == ["veh-a1"]
+        assert resolve_devices(conn, device_ids=["veh-b2", "veh-a1"]) == ["veh-a1", "veh-b2"]
+    empty = service.status(Scope(group="nope"))
+    assert empty.devices == [] and empty.models == [] and empty.verdict == "not_enough_data"
+
+
+def test_stationary_group_has_no_drift_and_a_reliable_estimate(service: MonitoringService) -> None:
+    status = service.status(Scope(group="a"))
+    assert status.devices == ["veh-a1", "veh-a2"]
+    m = status.model("cabin-events", "1.0.0")
+    assert m is not None and m.has_reference
+    assert (m.n_records, m.n_windows, m.n_devices) == (600, 6, 2)
+    assert (m.first_window, m.last_window_end) == (T0, T0 + 3 * WINDOW_S)
+    assert m.drift is not None and m.drift.n_tested == 40
+    drifting = {f.name for f in m.drift.features if f.verdict == "drift"}
+    # Only features the float16 wire cannot bin like the reference (measured) drift; see the xfail below.
+    assert drifting <= cabin().wire_unresolved
+    for signal in (m.drift.class_mix, m.drift.confidence, m.drift.pca_error, m.drift.coactivation):
+        assert signal.verdict == "ok" and signal.q_value is not None and signal.q_value > signal.threshold
+    acc = m.accuracy
+    assert acc is not None and acc.reliable and acc.region.verdict == "reliable"
+    assert acc.expected.method == "normal" and acc.expected.estimate is not None
+    assert acc.expected.low is not None and acc.expected.high is not None
+    assert acc.expected.low < acc.expected.estimate < acc.expected.high
+    assert m.data_quality is not None and m.data_quality.verdict == "ok"
+    assert all(c.verdict == "ok" for c in m.data_quality.checks)
+    # The version without a bundle: counted from the stored records, with the reason for no verdict.
+    unknown = status.model("cabin-events", "9.9.9")
+    assert unknown is not None and not unknown.has_reference and unknown.verdict == "no_reference"
+    assert unknown.n_records == 50 and unknown.n_devices == 1 and "no verified reference bundle" in unknown.warnings[0]
+    assert any("9.9.9" in w for w in status.warnings)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="cabin-v1's quantile edges sit on tied training values: float16 wire values of a stationary stream "
+    "cross them (pressure, particle counts); fixed when the trainer places edges between distinct values",
+)
+def test_stationary_group_overall_verdict_is_ok(service: MonitoringService) -> None:
+    assert service.status(Scope(group="a")).verdict == "ok"
+
+
+def test_drifted_group_names_the_shifted_features(service: MonitoringService) -> None:
+    status = service.status(Scope(group="b"))
+    m = status.model("cabin-events", "1.0.0")
+    assert m is not None and m.drift is not None
+    assert status.verdict == "drift" and m.verdict == "drift" and status.reasons
+    drifting = {f.name for f in m.drift.features if f.verdict == "drift"}
+    assert set(DRIFT) <= drifting
+    for f in m.drift.features:
+        if f.name in DRIFT:
+            assert f.ks.q_value is not None and f.ks.q_value <= f.ks.threshold and f.psi >= 0.1
+    assert any("major PSI" in r and "temperature_c" in r for r in status.reasons)
+    # The model follows its inputs out of the training region: the estimate is flagged, not trusted.
+    assert m.drift.pca_error.verdict == "drift"
+    assert m.accuracy is not None and not m.accuracy.reliable and m.accuracy.region.verdict == "unreliable"
+    assert any("expected accuracy unreliable" in w for w in status.warnings)
+
+
+def test_per_device_statuses_share_one_fdr_family(service: MonitoringService) -> None:
+    per_device = service.evaluate_devices(Scope(device_ids=["veh-a1", "veh-a2", "veh-b1", "veh-b2"]))
+    assert sorted(per_device) == ["veh-a1", "veh-a2", "veh-b1", "veh-b2"]
+    for device, status in per_device.items():
+        assert status.devices == [device] and status.scope.device_ids == (device,)
+        m = status.model("cabin-events", "1.0.0")
+        assert m is not None and m.n_records == 300 and m.n_devices == 1
+    verdicts = {d: s.verdict for d, s in per_device.items()}
+    assert verdicts["veh-b1"] == verdicts["veh-b2"] == "drift"
+    for device in ("veh-b1", "veh-b2"):
+        m = per_device[device].model("cabin-events", "1.0.0")
+        assert m is not None and m.drift is not None
+        assert set(DRIFT) <= {f.name for f in m.drift.features if f.verdict == "drift"}
+    # veh-a1's unreferenced records show up on veh-a1 only.
+    assert per_device["veh-a1"].model("cabin-events", "9.9.9") is not None
+    assert per_device["veh-a2"].model("cabin-events", "9.9.9") is None
+    # One BH family over every device's tests: the q-values are BH over all their p-values together.
+    tests = []
+    for status in per_device.values():
+        m = status.model("cabin-events", "1.0.0")
+        assert m is not None and m.drift is not None
+        tests.extend(f.ks for f in m.drift.features)
+        tests.extend([m.drift.class_mix, m.drift.confidence, m.drift.pca_error, m.drift.coactivation])
+    p = np.array([np.nan if t.p_value is None else t.p_value for t in tests])
+    _, q = benjamini_hochberg(p, 0.05)
+    assert np.isfinite(p).sum() == 4 * 44
+    assert np.allclose([t.q_value for t in tests], q, rtol=1e-12)
+    # ... which is not what a device gets alone (a family of its own 44 tests).
+    alone = service.status(Scope(device_ids=["veh-a2"])).model("cabin-events", "1.0.0")
+    joint = per_device["veh-a2"].model("cabin-events", "1.0.0")
+    assert alone is not None and joint is not None and alone.drift is not None and joint.drift is not None
+    assert [f.ks.p_value for f in alone.drift.features] == [f.ks.p_value for f in joint.drift.features]
+    assert [f.ks.q_value for f in alone.drift.features] != [f.ks.q_value for f in joint.drift.features]
+
+
+def test_window_starts_and_per_window_statuses(service: MonitoringService) -> None:
+    scope = Scope(group="b", since=T0 + WINDOW_S)
+    assert service.window_starts(scope) == [T0 + WINDOW_S, T0 + 2 * WINDOW_S]
+    assert service.window_starts(Scope(group="b")) == [T0, T0 + WINDOW_S, T0 + 2 * WINDOW_S]
+    assert service.window_starts(Scope(group="nope")) == []
+    per_window = service.evaluate_windows(scope)
+    assert sorted(per_window) == [T0 + WINDOW_S, T0 + 2 * WINDOW_S]
+    for start, status in per_window.items():
+        assert (status.scope.since, status.scope.until) == (start, start + WINDOW_S)
+        m = status.model("cabin-events", "1.0.0")
+        assert m is not None and m.n_records == 200 and m.n_windows == 2 and status.verdict == "drift"
+    with pytest.raises(ValueError, match="until must be after since"):
+        Scope(since=T0, until=T0)
+
+
+def test_tiny_windows_say_not_enough_data(service: MonitoringService) -> None:
+    status = service.status(Scope(device_ids=["veh-c1"]))
+    m = status.model("cabin-events", "1.0.0")
+    assert m is not None and m.n_records == 20 and m.drift is not None
+    assert m.verdict == "not_enough_data" and status.verdict == "not_enough_data" and status.reasons == []
+    assert all(f.verdict == "not_enough_data" for f in m.drift.features)
+    assert m.drift.class_mix.verdict == "not_enough_data" and m.drift.coactivation.verdict == "not_enough_data"
+    assert m.accuracy is not None and m.accuracy.expected.method == "not_enough_data"
+    assert m.accuracy.expected.low is None and m.accuracy.region.verdict == "not_enough_data"
+    assert m.data_quality is not None
+    rates = {c.name: c.verdict for c in m.data_quality.checks}
+    assert rates["missing_rate"] == rates["seq_gap_rate"] == "not_enough_data"
+    assert rates["clock_skew_s"] == "ok"  # an extreme needs no sample size
