@@ -65,17 +65,20 @@ import itertools
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, Final
+from typing import TYPE_CHECKING, Any, ClassVar, Final
 
 import msgpack
 import numpy as np
 import zstandard
 
-from collector.ingest.bulk import InferenceRows
 from collector.training.reference import bin_index, reconstruction_error
 from shared.bundle import Manifest
 from shared.codec import RecordBlock
 from shared.profile import HardwareProfile
+
+if TYPE_CHECKING:
+    # Only a type here: importing the ingest package would import ingest's service, which imports this module.
+    from collector.ingest.bulk import InferenceRows
 
 DEFAULT_WINDOW_S: Final = 900.0
 DAY_S: Final = 86_400.0
@@ -508,7 +511,7 @@ class _Columns:
 
 
 def _columns(rows: InferenceRows | RecordBlock, received_at: float | None, ts_corrected: np.ndarray | None) -> _Columns:
-    if isinstance(rows, InferenceRows):
+    if not isinstance(rows, RecordBlock):  # InferenceRows: columns as ingest stores them
         n = len(rows)
         itemsize = np.dtype(rows.features_dtype).itemsize
         feats = rows.features.view(rows.features_dtype).reshape(n, rows.features.shape[1] // itemsize)

@@ -54,11 +54,11 @@ from collector.monitoring.sequential import (
     Signal,
     StreamDetectors,
 )
-from collector.monitoring.sketches import ReferenceBins
-from collector.monitoring.windows import NewRecords
 
 if TYPE_CHECKING:
     from collector.config import Settings
+    from collector.monitoring.sketches import ReferenceBins
+    from collector.monitoring.windows import NewRecords
 
 log = logging.getLogger(__name__)
 
@@ -213,6 +213,13 @@ class SequentialWatch:
 
         Returns one :class:`Observed` per batch (alarms are credited to the batch of their record).
         """
+        out, alarm_rows = self.feed(batches)
+        if alarm_rows:
+            conn.execute(insert(ALARM_TABLE), alarm_rows)
+        return out
+
+    def feed(self, batches: Sequence[NewRecords]) -> tuple[list[Observed], list[dict[str, Any]]]:
+        """:meth:`observe` without the database: per batch what happened, and the ``sequential_alarm`` rows."""
         out = [Observed() for _ in batches]
         parts: dict[tuple[str, StreamId], _Part] = {}
         for owner, batch in enumerate(batches):
@@ -235,9 +242,7 @@ class SequentialWatch:
         alarm_rows: list[dict[str, Any]] = []
         for (device, ident), part in parts.items():
             alarm_rows += self._feed(device, ident, part, out)
-        if alarm_rows:
-            conn.execute(insert(ALARM_TABLE), alarm_rows)
-        return out
+        return out, alarm_rows
 
     def _feed(self, device: str, ident: StreamId, part: _Part, out: list[Observed]) -> list[dict[str, Any]]:
         seq = np.concatenate(part.seq)

@@ -40,7 +40,6 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.sql.schema import Table
 
 from collector.db.models import MonitoringWindow
-from collector.ingest.bulk import InferenceRows, WriteOutcome
 from collector.monitoring.sketches import (
     DEFAULT_WINDOW_S,
     RangeLimits,
@@ -53,6 +52,9 @@ from shared.profile import HardwareProfile, ProfileError, load_profile
 
 if TYPE_CHECKING:
     from collector.config import Settings
+
+    # Types only: the ingest package imports its service, which imports this module.
+    from collector.ingest.bulk import InferenceRows, WriteOutcome
 
 log = logging.getLogger(__name__)
 

@@ -7,6 +7,8 @@ reference bundle and the repository's hardware profiles.
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -398,3 +400,10 @@ def test_restart_and_model_change_reset_the_stream_and_a_failed_group_is_fed_onc
     assert [(x["spool_epoch"], x["signal"]) for x in found] == [(d[0], "calibrated")]
     assert CHANGE <= found[0]["seq"] <= CHANGE + 200
     eng.dispose()
+
+
+def test_sketches_import_before_ingest_without_a_cycle() -> None:
+    # The app imports the monitoring service (catalog -> sketches) before ingest (-> windows, streams -> sketches).
+    code = "import collector.monitoring.sketches, collector.ingest.service"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
