@@ -20,6 +20,8 @@ from collector import metrics as _metrics  # noqa: F401  (registers the collecto
 from collector.api.routes import api_router
 from collector.config import Settings, get_settings
 from collector.db.engine import make_engine, upgrade
+from collector.monitoring.catalog import ReferenceCatalog
+from collector.monitoring.service import MonitoringService
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +37,8 @@ def create_app(settings: Settings | None = None, *, start_ingest: bool = True) -
         engine = make_engine(settings.database)
         app.state.settings = settings
         app.state.engine = engine
+        # One catalog and service for every request (bundles are read and verified once).
+        app.state.monitoring = MonitoringService(engine, ReferenceCatalog.from_settings(settings), settings)
         app.state.ingest = None
         if start_ingest:
             from collector.ingest import Ingest

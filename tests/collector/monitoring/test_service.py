@@ -34,6 +34,7 @@ from shared.bundle import Manifest, calibrate, load_bundle, rare_pair_indices
 from shared.codec import encode_batch
 from shared.interpreter import load_interpreter
 from shared.signing import load_public_keys
+from tests.services import create_database, drop_database
 from tests.shared.test_codec import make_batch, make_block
 
 REPO = Path(__file__).resolve().parents[3]
@@ -236,18 +237,29 @@ def fleet(engine: Engine) -> None:
     )
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request: pytest.FixtureRequest) -> str:
-    url: str = request.getfixturevalue("sqlite_url" if request.param == "sqlite" else "pg_url")
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def fleet_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A database holding :func:`fleet`, built once per module (the tests only read it)."""
+    admin, name = None, None
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path_factory.mktemp('fleet') / 'fleet.db'}"
+    else:
+        admin = request.getfixturevalue("pg_admin_url")
+        name = create_database(admin)
+        url = f"{admin.rsplit('/', 1)[0].replace('postgresql://', 'postgresql+psycopg://', 1)}/{name}"
     upgrade(url)
-    return url
-
-
-@pytest.fixture
-def service(db_url: str) -> Iterator[MonitoringService]:
-    engine = make_engine(db_url)
+    engine = make_engine(url)
     fleet(engine)
-    yield MonitoringService(engine, catalog(), settings_for(db_url))
+    engine.dispose()
+    yield url
+    if admin is not None and name is not None:
+        drop_database(admin, name)
+
+
+@pytest.fixture(scope="module")
+def service(fleet_url: str) -> Iterator[MonitoringService]:
+    engine = make_engine(fleet_url)
+    yield MonitoringService(engine, catalog(), settings_for(fleet_url))
     engine.dispose()
 
 
