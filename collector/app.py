@@ -26,9 +26,16 @@ from collector.monitoring.service import MonitoringService
 log = logging.getLogger(__name__)
 
 
-def create_app(settings: Settings | None = None, *, start_ingest: bool = True) -> FastAPI:
-    """The application for ``settings`` (default: from the environment)."""
+def create_app(
+    settings: Settings | None = None, *, start_ingest: bool = True, start_jobs: bool | None = None
+) -> FastAPI:
+    """The application for ``settings`` (default: from the environment).
+
+    ``start_jobs`` (default: as ``start_ingest``) starts the background jobs (:mod:`collector.jobs`) unless
+    ``alert_jobs_enabled`` is off: an API-only app runs no jobs.
+    """
     settings = settings or get_settings()
+    run_jobs = (start_ingest if start_jobs is None else start_jobs) and settings.alert_jobs_enabled
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -46,10 +53,17 @@ def create_app(settings: Settings | None = None, *, start_ingest: bool = True) -
             ingest = Ingest(settings, engine)
             ingest.start()
             app.state.ingest = ingest
+        app.state.jobs = None
+        if run_jobs:
+            from collector.jobs import start_jobs as start_scheduler
+
+            app.state.jobs = start_scheduler(engine, settings)
         log.info("collector %s ready (database %s)", __version__, engine.url.render_as_string(hide_password=True))
         try:
             yield
         finally:
+            if app.state.jobs is not None:
+                app.state.jobs.shutdown(wait=True)
             if app.state.ingest is not None:
                 app.state.ingest.stop()
             engine.dispose()

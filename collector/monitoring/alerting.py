@@ -461,7 +461,7 @@ def observe_quality(checks: Sequence[QualityCheckLike]) -> dict[str, Observation
     return out
 
 
-def observe_sequential(alarms: list[Mapping[str, Any]], has_data: bool) -> Observation:
+def observe_sequential(alarms: Sequence[Mapping[str, Any]], has_data: bool) -> Observation:
     """``sequential_<signal>``: bad for a window holding one of the signal's alarms, good for one with data and none."""
     if alarms:
         first = alarms[0]
