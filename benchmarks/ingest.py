@@ -38,11 +38,18 @@ CPU seconds of the collector, the publisher, Mosquitto and the PostgreSQL backen
 benchmark's databases are read from /proc during phases 1 and 4, to show where the time goes.
 ``--profile`` also samples the collector with py-spy during phase 1 (``pip install py-spy``).
 
-5. Sketch overhead: phases 1 to 4 run with the monitoring sketches OFF (``FLEET_MONITORING_ENABLED``
-   false). Then phase 1 is run again, on a fresh broker and database, by a collector with them ON and
-   the reference bundle configured (``FLEET_MONITORING_BUNDLES`` / ``FLEET_MONITORING_TRUSTED_KEYS``,
-   JSON arrays), so every record is also sketched into its ``monitoring_window``.
-   ``sketch_overhead`` = off records_per_s / on records_per_s - 1 (``--no-sketch`` skips it: null).
+5. Sketch overhead: phases 1 to 4 run with monitoring OFF (``FLEET_MONITORING_ENABLED`` false).
+   Then phase 1 is run again, on a fresh broker and database, by a collector with it ON and the
+   reference bundle configured (``FLEET_MONITORING_BUNDLES`` / ``FLEET_MONITORING_TRUSTED_KEYS``,
+   JSON arrays), so every record is also sketched into its ``monitoring_window``, range-checked
+   against its batch's hardware profile (``sim-v1`` from the default ``firmware_configs/``) and fed
+   to the per-device sequential detectors (``monitoring_sequential_enabled``, on by default), whose
+   alarms are stored in ``sequential_alarm``. ``sketch_overhead`` = off records_per_s / on
+   records_per_s - 1 (``--no-sketch`` skips it: null).
+   Because PostgreSQL bounds this pipeline, the end-to-end figure is mostly run-to-run noise; the
+   same work is therefore also timed in this process, without the database (``monitoring_cpu``:
+   CPU microseconds per record of the sketches and of the detectors, over the phase-1 batches in
+   groups of 100 as ingest commits them), and set against the collector's wall time per record.
 
 Run: ``.venv/bin/python benchmarks/ingest.py`` (about a minute and a half). Targets (foundation):
 ``records_per_s`` >= 20,000 and ``ratio_to_copy`` >= 0.30, ``lost`` = ``duplicates`` = 0.
@@ -681,6 +688,7 @@ def sketch_run(folder: Path, plan_path: Path, window: int) -> dict[str, Any]:
             collector.stop()
         with psycopg.connect(database_url) as conn:
             found = conn.execute("SELECT count(*), coalesce(sum(n), 0) FROM monitoring_window").fetchone()
+            alarm_row = conn.execute("SELECT count(*) FROM sequential_alarm").fetchone()
         windows, window_records = found if found is not None else (0, 0)
     return {
         "records": run.acked_records,
@@ -690,6 +698,60 @@ def sketch_run(folder: Path, plan_path: Path, window: int) -> dict[str, Any]:
         "cpu_share": {k: round(v / run.seconds, 3) for k, v in run.cpu.items() if k != "machine_busy"},
         "windows": int(windows),
         "window_records": int(window_records),
+        "sequential_alarms": int(alarm_row[0]) if alarm_row is not None else 0,
+    }
+
+
+def monitoring_cpu(plan: list[Planned], folder: Path) -> dict[str, Any]:
+    """CPU per record of what monitoring adds to ingest, in this process and without the database.
+
+    The phase-1 batches are decoded as the collector decodes them, then, in groups of
+    ``GROUP_BATCHES`` (one ingest transaction), sketched per window with the profile's range checks
+    (:meth:`WindowWriter.sketch`) and fed to the sequential detectors (:meth:`SequentialWatch.feed`,
+    staged and committed as ingest does). Merging into ``monitoring_window`` and inserting alarm rows
+    are database work and show in the end-to-end run only.
+    """
+    from collector.config import Settings
+    from collector.ingest.bulk import InferenceRows, WriteOutcome
+    from collector.monitoring.streams import SequentialWatch
+    from collector.monitoring.windows import NewRecords, WindowWriter, load_reference_bins
+    from edge_agent.config import DEFAULT_BUNDLE, DEFAULT_KEY
+    from shared.codec import decode_batch
+
+    settings = Settings(data_dir=folder, monitoring_bundles=[DEFAULT_BUNDLE], monitoring_trusted_keys=[DEFAULT_KEY])
+    bins = load_reference_bins(settings.monitoring_bundles, settings.monitoring_trusted_keys)
+    writer = WindowWriter.from_settings(settings, bins)
+    received = time.time()
+    batches = []
+    for p in plan:
+        batch = decode_batch(p.payload)
+        rows = [InferenceRows.from_block(batch, block, received) for block in batch.blocks]
+        batches.append(NewRecords(rows, [WriteOutcome(inserted=len(r)) for r in rows], batch.profile))
+    writer.sketch(batches[0])  # builds the float16 lookup tables, as the collector's first batch does
+    watch = SequentialWatch.from_settings(settings, bins)
+    sketch_s = detect_s = 0.0
+    unranged = alarms = 0
+    for lo in range(0, len(batches), GROUP_BATCHES):
+        group = batches[lo : lo + GROUP_BATCHES]
+        t0 = time.process_time()
+        for b in group:
+            unranged += writer.sketch(b)[1].unranged
+        t1 = time.process_time()
+        watch.begin()
+        _seen, rows = watch.feed(group)
+        watch.commit()
+        t2 = time.process_time()
+        sketch_s += t1 - t0
+        detect_s += t2 - t1
+        alarms += len(rows)
+    n = sum(len(r) for b in batches for r in b.blocks)
+    return {
+        "records": n,
+        "sketch_us_per_record": round(sketch_s / n * 1e6, 3),
+        "detectors_us_per_record": round(detect_s / n * 1e6, 3),
+        "unranged_records": unranged,
+        "alarms": alarms,
+        "devices": len(watch),
     }
 
 
@@ -792,6 +854,7 @@ def main(argv: list[str] | None = None) -> int:
                 checkpoint(admin)
                 ceiling = copy_ceiling(copy_url, main_plan, CpuMeter({}), admin)
             sketched = None if args.no_sketch else sketch_run(folder, main_path, args.window)
+            cpu = None if args.no_sketch else monitoring_cpu(main_plan, folder)
         except ServiceUnavailable as exc:
             print(f"cannot run: {exc}")
             emit({"benchmark": "ingest", "error": str(exc), "records_per_s": None, "machine": host})
@@ -807,7 +870,32 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"\nsketch overhead: phase 1 with monitoring sketches on {on_rate:,.0f} records/s against "
             f"{records_per_s:,.0f} off: {shown} (target <= {TARGET_SKETCH_OVERHEAD:.0%}); "
-            f"{sketched['window_records']:,} records in {sketched['windows']:,} monitoring windows"
+            f"{sketched['window_records']:,} records in {sketched['windows']:,} monitoring windows, "
+            f"{sketched['sequential_alarms']} sequential alarms"
+        )
+    collector_us: dict[str, float] | None = None
+    if sketched is not None:
+        # The collector's own CPU per record, off and on: where the added work shows when PostgreSQL bounds the rate.
+        collector_us = {
+            "off": round(phase1.cpu["collector"] / max(phase1.acked_records, 1) * 1e6, 2),
+            "on": round(
+                sketched["cpu_share"]["collector"] * sketched["seconds"] / max(sketched["records"], 1) * 1e6, 2
+            ),
+        }
+        print(
+            f"collector CPU per record: {collector_us['off']:.2f} us with monitoring off, "
+            f"{collector_us['on']:.2f} us with it on"
+        )
+    if cpu is not None:
+        # Against the collector's wall time per record with monitoring off (its writer thread is the bottleneck).
+        per_record_us = 1e6 / records_per_s
+        added = cpu["sketch_us_per_record"] + cpu["detectors_us_per_record"]
+        cpu["share_of_ingest_per_record"] = round(added / per_record_us, 4)
+        print(
+            f"monitoring CPU in-process (no database): sketches {cpu['sketch_us_per_record']:.2f} us/record, "
+            f"sequential detectors {cpu['detectors_us_per_record']:.2f} us/record; together "
+            f"{cpu['share_of_ingest_per_record']:.1%} of ingest's {per_record_us:.1f} us/record "
+            f"({cpu['alarms']} alarms over {cpu['devices']} devices, {cpu['unranged_records']} records unranged)"
         )
     lost = check["lost"]
     duplicates = check["duplicates"] + phase1.duplicate_acks + phase2.duplicate_acks
@@ -894,6 +982,8 @@ def main(argv: list[str] | None = None) -> int:
                 "sketch_overhead": TARGET_SKETCH_OVERHEAD,
             },
             "sketch_run": sketched,
+            "monitoring_cpu": cpu,
+            "collector_cpu_us_per_record": collector_us,
             "phase1": {
                 "records": phase1.acked_records,
                 "seconds": round(phase1.seconds, 3),

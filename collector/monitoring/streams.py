@@ -123,7 +123,8 @@ class SequentialWatch:
         self.max_devices = max_devices
         self._cursors: OrderedDict[str, _Cursor] = OrderedDict()
         self._staged: dict[str, _Cursor] | None = None
-        self.n_stale = 0
+        self._staged_stale = 0
+        self.n_stale = 0  # records not fed because they were stale (committed transactions only)
 
     @classmethod
     def from_settings(cls, settings: Settings, bins: Mapping[tuple[str, str], ReferenceBins]) -> SequentialWatch:
@@ -164,11 +165,14 @@ class SequentialWatch:
         """Stage every change until :meth:`commit` (the ingest transaction committed) or :meth:`rollback`."""
         self.detectors.begin()
         self._staged = {}
+        self._staged_stale = 0
 
     def commit(self) -> None:
         """The transaction committed: its detector states and stream identities become live."""
         self.detectors.commit()
         staged, self._staged = self._staged, None
+        self.n_stale += self._staged_stale
+        self._staged_stale = 0
         if not staged:
             return
         for device, cursor in staged.items():
@@ -254,11 +258,17 @@ class SequentialWatch:
             order = np.argsort(seq, kind="stable")
             seq, ts, owner = seq[order], ts[order], owner[order]
         cursor = self._cursor(device)
-        if cursor is not None and cursor.ident != ident:
+        if cursor is None:
+            # A device not seen (or forgotten as idle or least recent): whatever stream it left starts again.
+            self.detectors.forget(device, ident.model_version)
+        elif cursor.ident != ident:
             if float(ts.max()) < cursor.last_ts:
                 # A late re-send under the identity the device has left: judged by windows, not fed.
                 n = int(seq.size)
-                self.n_stale += n
+                if self._staged is not None:
+                    self._staged_stale += n
+                else:
+                    self.n_stale += n
                 for o in np.unique(owner).tolist():
                     out[o].stale += int((owner == o).sum())
                 log.debug("sequential: %d stale records of %s (%s) not fed", n, device, ident)
