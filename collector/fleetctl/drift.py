@@ -231,6 +231,50 @@ SUBCOMMANDS: list[Callable[[Any, argparse.ArgumentParser], None]] = [_register_s
 """Each adds one ``drift`` subcommand to the group's subparsers."""
 
 
+def drift_evaluate(client: Client, args: argparse.Namespace) -> None:
+    """Offline evaluation of two CSV files under a verified bundle; runs locally, no API call."""
+    # Imported here so that `drift status` does not load scipy and the TFLite runtime.
+    import logging
+
+    from collector.config import ConfigError, load_settings
+    from collector.monitoring.offline import OfflineInputError, evaluate_files, render_text
+
+    log = logging.getLogger("fleetctl")
+    try:
+        keys = args.trusted_key or load_settings().monitoring_trusted_keys
+        if not keys:
+            log.error("no trusted key: pass --trusted-key FILE or set FLEET_MONITORING_TRUSTED_KEYS")
+            raise SystemExit(2)
+        report = evaluate_files(
+            args.bundle, args.reference, args.current, trusted_keys=keys, label_column=args.label_column
+        )
+    except (OfflineInputError, ConfigError) as exc:
+        log.error("%s", exc)
+        raise SystemExit(2) from None
+    emit(args, report, render_text)
+
+
+def _register_evaluate(drift: Any, common: argparse.ArgumentParser) -> None:
+    p = drift.add_parser(
+        "evaluate", parents=[common], help="the collector's drift and accuracy tests on two CSV files, locally"
+    )
+    p.add_argument("--bundle", required=True, help="model bundle (.tar) whose reference edges and model are used")
+    p.add_argument("--reference", required=True, help="reference CSV (optionally gzipped), one column per feature")
+    p.add_argument("--current", required=True, help="current CSV, same columns")
+    p.add_argument("--label-column", help="column of true classes (names or indexes): realized accuracy too")
+    p.add_argument(
+        "--trusted-key",
+        "--key",
+        action="append",
+        metavar="FILE",
+        help="public key file the bundle must be signed with (repeatable; default FLEET_MONITORING_TRUSTED_KEYS)",
+    )
+    p.set_defaults(func=drift_evaluate)
+
+
+SUBCOMMANDS.append(_register_evaluate)
+
+
 def register(groups: Any, common: argparse.ArgumentParser) -> None:
     """Add the ``drift`` commands."""
     drift = groups.add_parser("drift", help="drift, accuracy and data quality").add_subparsers(

@@ -249,6 +249,7 @@ class ModelOutputs:
     calibrated: np.ndarray  # float32 [n], calibrated top-class confidence
     act_bits: np.ndarray  # uint8 [n, ceil(H / 8)]
     coact: np.ndarray  # uint16 [n], rare co-activation count
+    hidden_units: int
 
 
 class ModelRunner:
@@ -314,41 +315,46 @@ class ModelRunner:
             calibrated=calibrated,
             act_bits=np.packbits(active, axis=1),
             coact=np.minimum(coact, np.iinfo(np.uint16).max).astype(np.uint16),
+            hidden_units=self.n_hidden,
         )
 
 
 # ---------------------------------------------------------------------------------- sketching
 
 
-def sketch_table(bins: ReferenceBins, table: Table, out: ModelOutputs) -> WindowSketch:
-    """The sketch ingest would make of the file's rows as one record block (rows in file order, 1 s apart)."""
-    n = len(table)
-    seq = np.arange(1, n + 1, dtype=np.uint64)
+def record_block(
+    bins: ReferenceBins, features: np.ndarray, out: ModelOutputs, labels: np.ndarray | None = None
+) -> RecordBlock:
+    """Rows and their model outputs as the record block a device would send (in row order, 1 s apart)."""
+    n = int(features.shape[0])
     ts = np.arange(n, dtype=np.float64)
-    label = np.full(n, NO_LABEL, np.int16) if table.labels is None else table.labels.astype(np.int16)
-    block = RecordBlock(
+    return RecordBlock(
         role="active",
         model_name=bins.model_name,
         model_version=bins.model_version,
-        seq=seq,
+        seq=np.arange(1, n + 1, dtype=np.uint64),
         ts=ts,
         mono=ts,
         pred=out.pred,
         probs=out.probs,
         confidence=out.confidence,
         calibrated=out.calibrated,
-        features=table.features,
+        features=features,
         act_bits=out.act_bits,
-        hidden_units=out.act_bits.shape[1] * 8,
+        hidden_units=out.hidden_units,
         act_sample_idx=np.zeros(0, np.uint32),
-        act_sample=np.zeros((0, out.act_bits.shape[1] * 8), np.float16),
+        act_sample=np.zeros((0, out.hidden_units), np.float16),
         coact=out.coact,
         latency_us=np.zeros(n, np.float32),
         sensor_flags=np.zeros(n, np.uint16),
-        label=label,
+        label=np.full(n, NO_LABEL, np.int16) if labels is None else labels.astype(np.int16),
     )
+
+
+def sketch_table(bins: ReferenceBins, table: Table, out: ModelOutputs) -> WindowSketch:
+    """The sketch ingest would make of the file's rows as one record block."""
     try:
-        return sketch_block(bins, block, received_at=float(n))
+        return sketch_block(bins, record_block(bins, table.features, out, table.labels), received_at=float(len(table)))
     except SketchError as exc:
         raise OfflineInputError("unsketchable", f"{table.path}: {exc}") from None
 

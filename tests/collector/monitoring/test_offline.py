@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from collector.fleetctl import main
 from collector.monitoring.offline import OfflineInputError, evaluate_files, read_table, render_text
 from shared.signing import generate_private_key
 
@@ -219,3 +220,37 @@ def test_bad_bundles_and_keys_are_clear_errors(files: dict[str, Path], tmp_path:
     garbage.write_text("ed25519:not-base64\n")
     expect("bad_key", "not a public key file", CABIN_BUNDLE, ref, cur, keys=[garbage])
     expect("no_trusted_key", "trusted public key", CABIN_BUNDLE, ref, cur, keys=[])
+
+
+# ------------------------------------------------------------------------------------------ CLI
+
+
+def test_fleetctl_drift_evaluate_prints_the_report(
+    files: dict[str, Path], drifted: dict, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["drift", "evaluate", "--bundle", str(CABIN_BUNDLE), "--reference", str(files["reference"])]
+    args += ["--current", str(files["drifted"]), "--trusted-key", str(DEV_PUB), "--label-column", "label"]
+    assert main([*args, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    # The same report as the module's, bar the time it took.
+    out.pop("elapsed_s")
+    assert out == {k: v for k, v in drifted.items() if k != "elapsed_s"}
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("Offline drift evaluation: cabin-events") and "VERDICT: DRIFT" in text
+
+
+def test_fleetctl_drift_evaluate_bad_input_exits_2(
+    files: dict[str, Path], caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    args = ["drift", "evaluate", "--bundle", str(CABIN_BUNDLE), "--reference", str(files["reference"])]
+    with pytest.raises(SystemExit) as exit_:
+        main([*args, "--current", str(files["folder"] / "absent.csv"), "--key", str(DEV_PUB)])
+    assert exit_.value.code == 2 and "absent.csv: No such file" in caplog.text
+    monkeypatch.delenv("FLEET_MONITORING_TRUSTED_KEYS", raising=False)
+    with pytest.raises(SystemExit) as exit_:
+        main([*args, "--current", str(files["current"])])
+    assert exit_.value.code == 2 and "no trusted key" in caplog.text
+    # The collector's configured monitoring keys are the default.
+    monkeypatch.setenv("FLEET_MONITORING_TRUSTED_KEYS", json.dumps([str(DEV_PUB)]))
+    assert main([*args, "--current", str(files["current"]), "--json"]) == 0
