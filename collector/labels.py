@@ -22,16 +22,18 @@ its calibrated confidence and whether its prediction was right, as
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, NamedTuple
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
 from collector.db.models import NAME_LEN, Inference, Label
+from collector.monitoring.catalog import ReferenceCatalog
 from collector.monitoring.performance import (
     MIN_N,
     AccuracyEstimate,
@@ -45,9 +47,6 @@ from collector.monitoring.performance import (
 )
 from collector.queries import decode_cursor, encode_cursor
 from shared.topics import valid_device_id
-
-if TYPE_CHECKING:  # the catalog pulls in the sketches and ingest; labels need only its label lists
-    from collector.monitoring.catalog import ReferenceCatalog
 
 MAX_ITEMS = 10_000
 """Most labels in one push (``POST /api/v1/labels``); a file is sent in chunks of at most this many."""
@@ -141,17 +140,12 @@ class PushResult:
         }
 
 
-@dataclass(frozen=True, slots=True)
-class _Item:
-    index: int
-    device_id: str
-    spool_epoch: str
-    seq: int
-    label: int | str
+class _Item(NamedTuple):
+    """A label whose shape is valid (a tuple: built ten thousand times per push)."""
 
-    @property
-    def key(self) -> tuple[str, str, int]:
-        return (self.device_id, self.spool_epoch, self.seq)
+    pos: int  # position in the push
+    key: tuple[str, str, int]  # (device_id, spool_epoch, seq)
+    label: int | str
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,13 +161,19 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _text_problem(value: Any, max_len: int) -> str | None:
+def text_problem(value: Any, max_len: int) -> str | None:
+    """What is wrong with a string bound for a text column, or ``None`` (NUL and lone surrogates cannot be stored)."""
     if not isinstance(value, str):
         return f"must be a string, not {type(value).__name__}"
     if not 0 < len(value) <= max_len:
         return f"must be 1-{max_len} characters"
     if "\x00" in value:
         return "must not contain NUL"
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return "must be valid Unicode (it has a lone surrogate)"
     return None
 
 
@@ -181,13 +181,14 @@ def parse_item(index: int, raw: Any) -> _Item | Rejection:
     """Check the shape of one pushed label; class names are resolved later, against the stored record."""
     if not isinstance(raw, dict):
         return Rejection(index, "bad_item", f"an item must be an object, not {type(raw).__name__}")
-    missing = [k for k in ("device_id", "spool_epoch", "seq", "label") if k not in raw]
-    if missing:
+    try:
+        device_id, epoch, seq, label = raw["device_id"], raw["spool_epoch"], raw["seq"], raw["label"]
+    except KeyError:
+        missing = [k for k in ("device_id", "spool_epoch", "seq", "label") if k not in raw]
         return Rejection(index, "bad_item", f"missing field(s): {', '.join(missing)}")
-    device_id, epoch, seq, label = raw["device_id"], raw["spool_epoch"], raw["seq"], raw["label"]
     if not isinstance(device_id, str) or not valid_device_id(device_id):
         return Rejection(index, "bad_device_id", f"device_id {device_id!r} is not a valid device id")
-    problem = _text_problem(epoch, NAME_LEN)
+    problem = text_problem(epoch, NAME_LEN)
     if problem:
         return Rejection(index, "bad_spool_epoch", f"spool_epoch {problem}")
     if not _is_int(seq) or not 0 <= seq <= MAX_SEQ:
@@ -196,10 +197,10 @@ def parse_item(index: int, raw: Any) -> _Item | Rejection:
         if not 0 <= label <= MAX_CLASS_INDEX:
             return Rejection(index, "bad_label", f"class index {label} is outside [0, {MAX_CLASS_INDEX}]")
     else:
-        problem = _text_problem(label, NAME_LEN)
+        problem = text_problem(label, NAME_LEN)
         if problem:
             return Rejection(index, "bad_label", f"label must be a class index or a class name: it {problem}")
-    return _Item(index, device_id, epoch, seq, label)
+    return _Item(index, (device_id, epoch, seq), label)
 
 
 def _resolve(item: _Item, record: _Record | None, classes: ClassNames) -> int | Rejection:
@@ -207,7 +208,7 @@ def _resolve(item: _Item, record: _Record | None, classes: ClassNames) -> int | 
     if isinstance(item.label, int):
         if record is not None and item.label >= record.n_classes:
             return Rejection(
-                item.index,
+                item.pos,
                 "class_out_of_range",
                 f"class index {item.label} is out of range: the record's model {record.model_name} "
                 f"{record.model_version} has {record.n_classes} classes",
@@ -218,7 +219,7 @@ def _resolve(item: _Item, record: _Record | None, classes: ClassNames) -> int | 
         names = classes.get(record.model_name, record.model_version)
         if names is None:
             return Rejection(
-                item.index,
+                item.pos,
                 "unknown_model",
                 f"no reference bundle of the record's model {record.model_name} {record.model_version} is "
                 f"configured to resolve class name {name!r}: send the class index",
@@ -226,28 +227,28 @@ def _resolve(item: _Item, record: _Record | None, classes: ClassNames) -> int | 
         found = classes.index(record.model_name, record.model_version, name)
         if found is None:
             return Rejection(
-                item.index,
+                item.pos,
                 "unknown_class",
                 f"{name!r} is not a class of {record.model_name} {record.model_version} ({', '.join(names)})",
             )
         return found
     if not len(classes):
         return Rejection(
-            item.index,
+            item.pos,
             "no_class_names",
             f"class name {name!r} cannot be resolved: the record is not stored yet and no reference bundle "
             "is configured; send the class index",
         )
     if classes.common is None:
         return Rejection(
-            item.index,
+            item.pos,
             "ambiguous_class_name",
             f"class name {name!r} cannot be resolved yet: the record is not stored and the known models "
             "have different label lists; push it again once the record has arrived, or send the class index",
         )
     if name not in classes.common:
         return Rejection(
-            item.index, "unknown_class", f"{name!r} is not a class of any known model ({', '.join(classes.common)})"
+            item.pos, "unknown_class", f"{name!r} is not a class of any known model ({', '.join(classes.common)})"
         )
     return classes.common.index(name)
 
@@ -301,16 +302,23 @@ def push_labels(
     return result
 
 
+# PostgreSQL gets the keys as ONE JSON parameter (json.dumps and the server's JSON parser are C; binding
+# three 10,000-element arrays costs more than the statement). The lookup is a LATERAL probe of the primary
+# key per label (LIMIT 1 stops the planner from flattening it into a hash join over the whole inference
+# table): its cost follows the push, not the table.
 _PG_LOOKUP = """
-SELECT k.device_id, k.spool_epoch, k.seq, i.model_name, i.model_version, length(i.probs) / 2
-FROM unnest(%s::text[], %s::text[], %s::int8[]) AS k(device_id, spool_epoch, seq)
-JOIN inference i ON i.device_id = k.device_id AND i.spool_epoch = k.spool_epoch AND i.seq = k.seq
+SELECT k.d, k.e, k.s, i.model_name, i.model_version, length(i.probs) / 2
+FROM json_to_recordset(%s::json) AS k(d text, e text, s int8)
+CROSS JOIN LATERAL (
+    SELECT model_name, model_version, probs FROM inference
+    WHERE device_id = k.d AND spool_epoch = k.e AND seq = k.s LIMIT 1
+) AS i
 """
+# xmax = 0 on a returned row: it was inserted, not updated (the updated row version carries our xid).
 _PG_UPSERT = """
 WITH up AS (
     INSERT INTO label (device_id, spool_epoch, seq, label, received_at, source)
-    SELECT k.device_id, k.spool_epoch, k.seq, k.label, %s, %s
-    FROM unnest(%s::text[], %s::text[], %s::int8[], %s::int2[]) AS k(device_id, spool_epoch, seq, label)
+    SELECT k.d, k.e, k.s, k.l, %s, %s FROM json_to_recordset(%s::json) AS k(d text, e text, s int8, l int2)
     ON CONFLICT (device_id, spool_epoch, seq) DO UPDATE
     SET label = excluded.label, received_at = excluded.received_at, source = excluded.source
     RETURNING (xmax = 0) AS fresh
@@ -340,13 +348,9 @@ SET label = excluded.label, received_at = excluded.received_at, source = exclude
 """
 
 
-def _columns(keys: Iterable[tuple[str, str, int]]) -> tuple[list[str], list[str], list[int]]:
-    devices, epochs, seqs = [], [], []
-    for device_id, epoch, seq in keys:
-        devices.append(device_id)
-        epochs.append(epoch)
-        seqs.append(seq)
-    return devices, epochs, seqs
+def _json_rows(rows: Iterable[tuple[str, str, int, int | None]]) -> str:
+    """Keys (and labels) as the JSON array of objects ``json_to_recordset`` reads."""
+    return json.dumps([{"d": d, "e": e, "s": s, "l": label} for d, e, s, label in rows], separators=(",", ":"))
 
 
 def _sqlite_stage(cur: Any, rows: Iterable[tuple[str, str, int, int | None]]) -> None:
@@ -367,7 +371,7 @@ def _lookup_records(conn: Connection, keys: list[tuple[str, str, int]]) -> dict[
     cur = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
     try:
         if conn.dialect.name == "postgresql":
-            cur.execute(_PG_LOOKUP, _columns(keys))
+            cur.execute(_PG_LOOKUP, (_json_rows((d, e, s, None) for d, e, s in keys),))
         else:
             _sqlite_stage(cur, ((d, e, s, None) for d, e, s in keys))
             cur.execute(_SQLITE_LOOKUP)
@@ -381,8 +385,7 @@ def _upsert(conn: Connection, rows: Mapping[tuple[str, str, int], int], *, sourc
     cur = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
     try:
         if conn.dialect.name == "postgresql":
-            devices, epochs, seqs = _columns(rows)
-            cur.execute(_PG_UPSERT, (received_at, source, devices, epochs, seqs, list(rows.values())))
+            cur.execute(_PG_UPSERT, (received_at, source, _json_rows((*key, label) for key, label in rows.items())))
             return _count(cur)
         _sqlite_stage(cur, ((d, e, s, label) for (d, e, s), label in rows.items()))
         cur.execute(_SQLITE_EXISTING)

@@ -62,6 +62,15 @@ def ingest(engine: Engine, device: str, b: RecordBlock) -> None:
         write_group(conn, [item], 1024)
 
 
+def tag(engine: Engine, device: str, *tags: str) -> None:
+    status = json.dumps({"state": "online", "tags": list(tags)})
+    msg = InboundMessage(
+        mid=1, qos=1, topic=f"fleet/v1/{device}/status", payload=status.encode(), received_at=T0, session=1
+    )
+    with engine.connect().execution_options(sqlite_begin="IMMEDIATE") as conn, conn.begin():
+        write_group(conn, [prepare(msg)], 1024)
+
+
 def item(device: str, seq: int, label: Any) -> dict[str, Any]:
     return {"device_id": device, "spool_epoch": EPOCH, "seq": seq, "label": label}
 
@@ -133,6 +142,7 @@ def test_labels_before_and_after_their_records_replace_reject_and_realized_accur
 
     ingest(engine, "veh-001", v1)
     ingest(engine, "veh-002", v2)
+    tag(engine, "veh-002", "group:depot-b")
 
     # After: half names, half indices, all matched.
     after = {s: int(rng.integers(5)) for s in range(50, 150)}
@@ -223,6 +233,9 @@ def test_labels_before_and_after_their_records_replace_reject_and_realized_accur
     # Scopes: device, model version, record time, role.
     only2 = client.get("/api/v1/labels/accuracy", params={"device_id": "veh-002"}).json()["items"]
     assert [x["model_version"] for x in only2] == ["2.0.0"]
+    depot = client.get("/api/v1/labels/accuracy", params={"group": "depot-b"}).json()["items"]
+    assert [x["model_version"] for x in depot] == ["2.0.0"]
+    assert client.get("/api/v1/labels/accuracy", params={"group": "nowhere"}).json()["total"] == 0
     only1 = client.get("/api/v1/labels/accuracy", params={"model_version": "1.0.0"}).json()["items"]
     assert [x["n_labelled"] for x in only1] == [len(truth1)]
     window = {"since": T0 + 100, "until": T0 + 150, "model_version": "1.0.0"}
@@ -281,7 +294,18 @@ def test_a_push_over_the_limits_or_not_json_is_refused_whole(sqlite_url: str, tm
         ):
             r = client.post("/api/v1/labels", content=body, headers={"content-type": "application/json"})
             assert r.status_code == 422 and detail in r.json()["detail"], r.text
-        assert client.get("/api/v1/labels").json()["total"] == 0
+        # Lone surrogates cannot be stored as text: the item is rejected, the push goes on.
+        surrogates = (
+            b'{"items": [{"device_id": "veh-001", "spool_epoch": "\\ud800", "seq": 1, "label": 0},'
+            b' {"device_id": "veh-001", "spool_epoch": "e", "seq": 1, "label": "x\\udfff"},'
+            b' {"device_id": "veh-001", "spool_epoch": "e", "seq": 2, "label": 0}]}'
+        )
+        r = client.post("/api/v1/labels", content=surrogates, headers={"content-type": "application/json"})
+        assert [(x["index"], x["code"]) for x in r.json()["rejected"]] == [(0, "bad_spool_epoch"), (1, "bad_label")]
+        assert "surrogate" in r.json()["rejected"][0]["reason"] and r.json()["inserted"] == 1
+        r = client.post("/api/v1/labels", content=b'{"items": [], "source": "\\ud800"}')
+        assert r.status_code == 422 and "surrogate" in r.json()["detail"]
+        assert client.get("/api/v1/labels").json()["total"] == 1
 
 
 # ------------------------------------------------------------------------------------------- fleetctl

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
@@ -20,9 +20,7 @@ from collector import labels, metrics, queries
 from collector.api.deps import UNPROCESSABLE, CursorQuery, LimitQuery, SessionDep, TimeRangeDep
 from collector.api.schemas import Page
 from collector.db.models import NAME_LEN
-
-if TYPE_CHECKING:
-    from collector.monitoring.catalog import ReferenceCatalog
+from collector.monitoring.service import MonitoringService, resolve_devices
 
 log = logging.getLogger(__name__)
 
@@ -126,16 +124,10 @@ class AccuracyOut(BaseModel):
     gap: Gap
 
 
-def _catalog(request: Request) -> ReferenceCatalog:
-    """The app's reference catalog, loaded on first use and kept on ``app.state.catalog``."""
-    catalog: ReferenceCatalog | None = getattr(request.app.state, "catalog", None)
-    if catalog is None:
-        # Imported here: the catalog imports the sketches, which import ingest; none of it is needed to start.
-        from collector.monitoring.catalog import ReferenceCatalog
-
-        catalog = ReferenceCatalog.from_settings(request.app.state.settings)
-        request.app.state.catalog = catalog
-    return catalog
+def _class_names(request: Request) -> labels.ClassNames:
+    """Class names of the verified bundles of the catalog the app loaded at start (its monitoring service's)."""
+    monitoring: MonitoringService = request.app.state.monitoring
+    return labels.ClassNames.from_catalog(monitoring.catalog)
 
 
 def _refuse(code: int, reason: str, detail: str) -> HTTPException:
@@ -171,8 +163,9 @@ def _parse_push(body: bytes) -> tuple[list[Any], str]:
             413, "too_many_items", f"{len(items)} items: at most {labels.MAX_ITEMS} per push, send the rest in chunks"
         )
     source = doc.get("source", "api")
-    if not isinstance(source, str) or not 0 < len(source) <= NAME_LEN or "\x00" in source:
-        raise _refuse(UNPROCESSABLE, "bad_body", f"source must be a string of 1-{NAME_LEN} characters")
+    problem = labels.text_problem(source, NAME_LEN)
+    if problem:
+        raise _refuse(UNPROCESSABLE, "bad_body", f"source {problem}")
     return items, source
 
 
@@ -195,7 +188,7 @@ async def push_labels(request: Request) -> PushOut:
     """Store late labels (a label pushed again replaces the earlier one); bad items are rejected one by one."""
     items, source = _parse_push(await _read_body(request))
     metrics.LABELS_RECEIVED.inc(len(items))
-    classes = labels.ClassNames.from_catalog(_catalog(request))
+    classes = _class_names(request)
     result = await run_in_threadpool(_store, request.app.state.engine, items, classes, source)
     metrics.LABELS_STORED.labels("inserted").inc(result.inserted)
     metrics.LABELS_STORED.labels("replaced").inc(result.replaced)
@@ -239,16 +232,19 @@ def accuracy(
     model_name: str | None = None,
     model_version: str | None = None,
     device_id: str | None = None,
+    group: Annotated[str | None, Query(description="devices whose tags hold group:<group>")] = None,
     role: Annotated[str, Query(description="active or shadow")] = "active",
     level: Annotated[float, Query(gt=0.5, lt=1.0, description="confidence level of the intervals")] = 0.95,
 ) -> Page[AccuracyOut]:
     """Per model version: realized accuracy on late labels, the label-free estimate on the same records, the gap.
 
-    Records are selected by their corrected time (``since`` inclusive, ``until`` exclusive).
+    Records are selected by device (id and/or group: the devices tagged ``group:<group>``) and by their
+    corrected time (``since`` inclusive, ``until`` exclusive); an unknown group selects no record.
     """
+    devices = resolve_devices(session, device_ids=None if device_id is None else [device_id], group=group)
     stats = labels.label_stats(
         session,
-        device_ids=None if device_id is None else [device_id],
+        device_ids=devices,
         model_name=model_name,
         model_version=model_version,
         role=role,
