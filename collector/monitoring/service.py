@@ -15,7 +15,9 @@ reference bundle from the :class:`~collector.monitoring.catalog.ReferenceCatalog
 * **label-free accuracy**: expected accuracy from calibrated confidence with its Poisson-binomial
   interval (normal method: merged windows only keep the sums), and whether it can be trusted (the
   share of records above the reference 99th percentile of PCA error and rare co-activations).
-  Realized accuracy from labels that came with the records.
+  Realized accuracy and its gap to the estimate on the same records from the late and inline
+  labels of the scope (:func:`collector.labels.label_stats`, one query); per device and per window
+  only the labels that came with the records, which the sketches count.
 * **data quality**: missing values, values out of the hardware profile's range, stuck sensors,
   sensor flags, seq gaps, clock skew and delivery delay, each against its threshold.
 
@@ -43,6 +45,7 @@ from sqlalchemy.orm import Session
 
 from collector.config import Settings
 from collector.db.models import Device, Inference, MonitoringWindow
+from collector.labels import label_stats
 from collector.monitoring import performance
 from collector.monitoring.catalog import CatalogEntry, ReferenceCatalog
 from collector.monitoring.drift import DriftReport, DriftThresholds, WindowCounts, evaluate_family
@@ -322,8 +325,15 @@ def window_counts(entry: CatalogEntry, sketch: WindowSketch) -> WindowCounts:
     )
 
 
-def accuracy_status(entry: CatalogEntry, sketch: WindowSketch, thr: StatusThresholds) -> AccuracyStatus:
-    """Expected accuracy (normal method on the merged sums), its region reliability, inline-label accuracy."""
+def accuracy_status(
+    entry: CatalogEntry, sketch: WindowSketch, thr: StatusThresholds, labels: performance.GapStats | None = None
+) -> AccuracyStatus:
+    """Expected accuracy (normal method on the merged sums), its region reliability, and realized accuracy.
+
+    ``labels`` (late and inline labels of the scope, :func:`collector.labels.label_stats`) give the
+    realized accuracy and its gap to the estimate on the same records; without them, the labels
+    that came with the records (counted in the sketch) give the realized accuracy alone.
+    """
     conf = performance.ConfidenceStats(sketch.conf_n, max(sketch.conf_sum, 0.0), max(sketch.conf_var_sum, 0.0))
     expected = performance.expected_accuracy(conf, thr.accuracy_level, min_n=thr.accuracy_min_records)
     region = performance.region_reliability_from_histograms(
@@ -336,14 +346,23 @@ def accuracy_status(entry: CatalogEntry, sketch: WindowSketch, thr: StatusThresh
     )
     realized = None
     source = None
-    if sketch.labelled:
+    gap = None
+    if labels is not None and labels.n:
+        realized = performance.realized_accuracy(
+            performance.RealizedStats(labels.n, labels.n_correct), thr.accuracy_level, min_n=thr.accuracy_min_records
+        )
+        source = "labels"
+        tracker = performance.GapTracker(thr.accuracy_level, max(thr.accuracy_min_records, 2))
+        tracker.add_stats(entry.manifest.version, labels)
+        gap = tracker.gap(entry.manifest.version)
+    elif sketch.labelled:
         realized = performance.realized_accuracy(
             performance.RealizedStats(sketch.labelled, min(sketch.correct, sketch.labelled)),
             thr.accuracy_level,
             min_n=thr.accuracy_min_records,
         )
         source = "inline_labels"
-    return AccuracyStatus(expected, region, region.reliable, realized, source)
+    return AccuracyStatus(expected, region, region.reliable, realized, source, gap)
 
 
 def _rate(count: float, n: float) -> float | None:
@@ -487,9 +506,10 @@ def _model_status(
     group: _Group,
     report: DriftReport,
     thr: StatusThresholds,
+    labels: performance.GapStats | None = None,
 ) -> ModelStatus:
     sketch = group.sketch(entry)
-    accuracy = accuracy_status(entry, sketch, thr)
+    accuracy = accuracy_status(entry, sketch, thr, labels)
     quality = data_quality(entry, sketch, thr.quality)
     warnings: list[str] = []
     if accuracy.region.verdict == "unreliable":
@@ -600,7 +620,8 @@ class MonitoringService:
             devices = resolve_devices(conn, device_ids=scope.device_ids, group=scope.group)
             groups = self._collect(conn, scope, devices, lambda device, start: None)
             unreferenced = self._unreferenced(conn, scope, devices)
-        models = self._judge({k[:2]: g for k, g in groups.items()}, thr)
+            labels = self._labels(conn, scope, devices) if groups else {}
+        models = self._judge({k[:2]: g for k, g in groups.items()}, thr, labels)
         models.extend(_unreferenced_statuses(unreferenced))
         return self._scope_status(scope, devices, models, thr)
 
@@ -750,20 +771,47 @@ class MonitoringService:
                 g.sketches.append(s)
         return groups
 
-    def _judge(self, groups: dict[ModelKey, _Group], thr: StatusThresholds) -> list[ModelStatus]:
+    def _judge(
+        self,
+        groups: dict[ModelKey, _Group],
+        thr: StatusThresholds,
+        labels: dict[ModelKey, performance.GapStats] | None = None,
+    ) -> list[ModelStatus]:
         out: list[ModelStatus] = []
         for key in sorted(groups):
-            out.extend(self._judge_family(key, {"scope": groups[key]}, thr).values())
+            scope_labels = None if labels is None else {"scope": labels.get(key)}
+            out.extend(self._judge_family(key, {"scope": groups[key]}, thr, scope_labels).values())
         return out
 
     def _judge_family(
-        self, key: ModelKey, subjects: dict[Any, _Group], thr: StatusThresholds
+        self,
+        key: ModelKey,
+        subjects: dict[Any, _Group],
+        thr: StatusThresholds,
+        labels: dict[Any, performance.GapStats | None] | None = None,
     ) -> dict[Any, ModelStatus]:
         entry = self.catalog.get(*key)
         assert entry is not None  # _collect keeps referenced versions only
         counts = {s: window_counts(entry, g.sketch(entry)) for s, g in subjects.items()}
         reports = evaluate_family(entry.reference, counts, thr.drift)
-        return {s: _model_status(entry, g, reports[s], thr) for s, g in subjects.items()}
+        return {
+            s: _model_status(entry, g, reports[s], thr, None if labels is None else labels.get(s))
+            for s, g in subjects.items()
+        }
+
+    def _labels(
+        self, conn: Connection, scope: Scope, devices: list[str] | None
+    ) -> dict[ModelKey, performance.GapStats]:
+        """Late and inline labels of the records of the scope's windows, per model version."""
+        return label_stats(
+            conn,
+            device_ids=devices,
+            model_name=scope.model_name,
+            model_version=scope.model_version,
+            role=scope.role,
+            since=None if scope.since is None else _boundary(scope.since, self.window_s),
+            until=None if scope.until is None else _boundary(scope.until, self.window_s),
+        )
 
     def _unreferenced(
         self, conn: Connection, scope: Scope, devices: list[str] | None

@@ -16,12 +16,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
 from collector.config import Settings
 from collector.db import make_engine, upgrade
-from collector.db.models import Device
+from collector.db.models import Device, Label
 from collector.ingest.service import prepare, write_group
 from collector.monitoring.catalog import ReferenceCatalog
 from collector.monitoring.drift import benjamini_hochberg
@@ -111,6 +112,11 @@ def cabin() -> Cabin:
     return Cabin(m, bundle.model, x64.astype(np.float32), np.asarray(table.y)[held], x64)
 
 
+def chosen_rows(n: int, seed: int) -> np.ndarray:
+    """The held-out rows :func:`records_message` sends for ``n`` and ``seed``."""
+    return np.random.default_rng(seed).choice(len(cabin().x), size=n, replace=False)
+
+
 def records_message(
     device: str,
     n: int,
@@ -128,8 +134,7 @@ def records_message(
     """
     c = cabin()
     m = c.manifest
-    rng = np.random.default_rng(seed)
-    rows = rng.choice(len(c.x), size=n, replace=False)
+    rows = chosen_rows(n, seed)
     x = c.x[rows].copy()
     for name, delta in (shift or {}).items():
         x[:, m.features.index(name)] += np.float32(delta)
@@ -209,6 +214,8 @@ def catalog() -> ReferenceCatalog:
     return cat
 
 
+EPOCH = "e" * 16  # make_batch's spool epoch
+LATE_LABELS = 100
 DRIFT = {"temperature_c": 8.0, "humidity_pct": 25.0, "audio_rms_dbfs": 12.0}
 
 
@@ -216,12 +223,13 @@ def fleet(engine: Engine) -> None:
     """Four devices, 300 records each over three 10-s windows: group a stationary, group b drifted.
 
     Plus veh-c1 with 20 records (too few for anything) and 50 records of a version without a bundle.
+    veh-a2's records carry their labels inline; veh-a1's first 100 get late labels.
     """
     writer = WindowWriter(catalog().bins(), WINDOW_S)
     msgs = []
     for k, device in enumerate(["veh-a1", "veh-a2", "veh-b1", "veh-b2"]):
         shift = DRIFT if device.startswith("veh-b") else None
-        msgs.append(records_message(device, 300, seed=k, shift=shift))
+        msgs.append(records_message(device, 300, seed=k, shift=shift, labelled=device == "veh-a2"))
     msgs.append(records_message("veh-c1", 20, seed=7))
     # A version without a reference: stored and counted, never sketched.
     msgs.append(records_message("veh-a1", 50, first_seq=1000, seed=9, version="9.9.9"))
@@ -235,6 +243,12 @@ def fleet(engine: Engine) -> None:
             "veh-b2": ["group:b", "group:a-not"],
         },
     )
+    # Late labels (the true classes) for veh-a1's first 100 records; veh-a2's came inline.
+    truth = cabin().y[chosen_rows(300, 0)][:LATE_LABELS]
+    with Session(engine) as s:
+        for seq, label in enumerate(truth):
+            s.add(Label(device_id="veh-a1", spool_epoch=EPOCH, seq=seq, label=int(label), received_at=T0 + 3600))
+        s.commit()
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
@@ -391,3 +405,35 @@ def test_tiny_windows_say_not_enough_data(service: MonitoringService) -> None:
     rates = {c.name: c.verdict for c in m.data_quality.checks}
     assert rates["missing_rate"] == rates["seq_gap_rate"] == "not_enough_data"
     assert rates["clock_skew_s"] == "ok"  # an extreme needs no sample size
+
+
+def test_realized_accuracy_and_gap_from_late_and_inline_labels(service: MonitoringService) -> None:
+    # Expected from the stored records themselves: veh-a2's inline labels and veh-a1's late ones.
+    with service.engine.connect() as conn:
+        stored = conn.execute(
+            sa.text(
+                "SELECT i.pred, COALESCE(l.label, i.label), i.calibrated FROM inference i "
+                "LEFT JOIN label l ON l.device_id = i.device_id AND l.spool_epoch = i.spool_epoch AND l.seq = i.seq "
+                "WHERE i.device_id IN ('veh-a1', 'veh-a2') AND i.model_version = '1.0.0' "
+                "AND COALESCE(l.label, i.label) IS NOT NULL"
+            )
+        ).all()
+    assert len(stored) == 300 + LATE_LABELS
+    correct = sum(int(p == t) for p, t, _ in stored)
+    m = service.status(Scope(group="a")).model("cabin-events", "1.0.0")
+    assert m is not None and m.accuracy is not None
+    acc = m.accuracy
+    assert acc.realized_source == "labels" and acc.realized is not None and acc.realized.n == len(stored)
+    assert acc.realized.estimate == pytest.approx(correct / len(stored))
+    assert acc.realized.method == "wilson" and acc.realized.low is not None
+    gap = acc.gap
+    assert gap is not None and gap.n == len(stored) and gap.low is not None and gap.high is not None
+    assert gap.estimated == pytest.approx(sum(float(c) for _, _, c in stored) / len(stored), rel=1e-6)
+    assert gap.gap == pytest.approx(correct / len(stored) - gap.estimated)
+    # Per device, only the labels that came with the records (kept in the sketches) are used.
+    per_device = service.evaluate_devices(Scope(group="a"))
+    a2 = per_device["veh-a2"].model("cabin-events", "1.0.0")
+    a1 = per_device["veh-a1"].model("cabin-events", "1.0.0")
+    assert a2 is not None and a2.accuracy is not None and a2.accuracy.realized_source == "inline_labels"
+    assert a2.accuracy.realized is not None and a2.accuracy.realized.n == 300
+    assert a1 is not None and a1.accuracy is not None and a1.accuracy.realized is None
