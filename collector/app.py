@@ -57,7 +57,7 @@ def create_app(
         if run_jobs:
             from collector.jobs import start_jobs as start_scheduler
 
-            app.state.jobs = start_scheduler(engine, settings)
+            app.state.jobs = start_scheduler(engine, settings, app.state.monitoring)
         log.info("collector %s ready (database %s)", __version__, engine.url.render_as_string(hide_password=True))
         try:
             yield

@@ -33,6 +33,7 @@ from collector import metrics
 from collector.alerts import AlertEngine, deliver_webhooks
 from collector.config import Settings
 from collector.monitoring.catalog import ReferenceCatalog
+from collector.monitoring.rollup import rollup_days
 from collector.monitoring.service import MonitoringService
 
 log = logging.getLogger(__name__)
@@ -67,12 +68,16 @@ def _guarded(name: str, work: Callable[[], object], on_failure: Callable[[], Non
     return run
 
 
-def start_jobs(engine: Engine, settings: Settings, catalog: ReferenceCatalog | None = None) -> BackgroundScheduler:
-    """Register the collector's jobs and start the scheduler (its threads are daemons); stop with ``shutdown()``."""
-    catalog = catalog if catalog is not None else ReferenceCatalog.from_settings(settings)
-    service = MonitoringService(engine, catalog, settings)
+def start_jobs(engine: Engine, settings: Settings, service: MonitoringService | None = None) -> BackgroundScheduler:
+    """Register the collector's jobs and start the scheduler (its threads are daemons); stop with ``shutdown()``.
+
+    ``service``: the app's monitoring service, so the bundles are read once (default: a new one).
+    """
+    if service is None:
+        service = MonitoringService(engine, ReferenceCatalog.from_settings(settings), settings)
     alert_engine = AlertEngine(engine, service, settings)
     window_s = float(settings.monitoring_window_s)
+    writer = engine.execution_options(sqlite_begin="IMMEDIATE")
     scheduler = BackgroundScheduler(
         timezone=UTC, job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None}
     )
@@ -105,6 +110,15 @@ def start_jobs(engine: Engine, settings: Settings, catalog: ReferenceCatalog | N
         IntervalTrigger(seconds=settings.alert_webhook_poll_s, timezone=UTC),
         id=WEBHOOK_JOB,
         name="deliver alert notifications to webhooks",
+        next_run_time=datetime.now(UTC),
+    )
+    scheduler.add_job(
+        # On SQLite the roll-up writes beside ingest and the evaluation: take the write lock up front, or
+        # upgrading a read transaction fails at once with "database is locked" instead of waiting.
+        _guarded(ROLLUP_JOB, lambda: rollup_days(writer, time.time(), window_s)),
+        IntervalTrigger(seconds=ROLLUP_INTERVAL_S, timezone=UTC),
+        id=ROLLUP_JOB,
+        name="merge finished UTC days of monitoring windows",
         next_run_time=datetime.now(UTC),
     )
     scheduler.start()

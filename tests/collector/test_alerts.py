@@ -36,9 +36,9 @@ from collector.alerts import (
 from collector.app import create_app
 from collector.config import Settings
 from collector.db import make_engine, upgrade
-from collector.db.models import Alert, AlertCondition, WebhookDelivery
+from collector.db.models import Alert, AlertCondition, MonitoringWindow, WebhookDelivery
 from collector.fleetctl import main as fleetctl
-from collector.jobs import EVALUATE_JOB, WEBHOOK_JOB, evaluation_step, first_evaluation, start_jobs
+from collector.jobs import EVALUATE_JOB, ROLLUP_JOB, WEBHOOK_JOB, evaluation_step, first_evaluation, start_jobs
 from collector.monitoring.service import MonitoringService
 from collector.monitoring.windows import WindowWriter
 from tests.collector.monitoring.test_service import CABIN_BUNDLE, DEV_PUB, DRIFT, catalog, ingest, records_message
@@ -519,20 +519,25 @@ def test_evaluation_schedule_hits_every_window_close() -> None:
 
 def test_jobs_run_in_the_app_lifespan(sqlite_url: str, tmp_path: Any) -> None:
     upgrade(sqlite_url)
-    settings = settings_for(sqlite_url, data_dir=tmp_path, monitoring_window_s=2.0, alert_grace_s=0.1)
+    engine = make_engine(sqlite_url)
+    send_window(engine, 0, {"veh-a1": "."})  # a window of a day long finished: the roll-up merges it
+    engine.dispose()
+    settings = settings_for(sqlite_url, data_dir=tmp_path)
     with TestClient(create_app(settings, start_ingest=False, start_jobs=True)) as client:
         scheduler = client.app.state.jobs  # type: ignore[attr-defined]
         assert scheduler.running
-        assert {job.id for job in scheduler.get_jobs()} >= {EVALUATE_JOB, WEBHOOK_JOB}
+        assert {job.id for job in scheduler.get_jobs()} == {EVALUATE_JOB, WEBHOOK_JOB, ROLLUP_JOB}
         engine = client.app.state.engine  # type: ignore[attr-defined]
         deadline = time.monotonic() + 10
-        cursor = None
-        while cursor is None and time.monotonic() < deadline:
+        cursor, days = None, []
+        while (cursor is None or not days) and time.monotonic() < deadline:
             with Session(engine) as s:
                 cursor = s.get(AlertCondition, CURSOR_KEY)
+                days = s.exec(select(MonitoringWindow).where(MonitoringWindow.window_s == 86_400.0)).all()
             time.sleep(0.05)
-        # The evaluation ran at start: nothing to alert on, but its progress is recorded.
-        assert cursor is not None and cursor.last_window % 2.0 == 0.0
+        # Both ran at start: the evaluation recorded its progress, the roll-up wrote the day row.
+        assert cursor is not None and cursor.last_window % WINDOW_S == 0.0
+        assert [(d.device_id, d.window_start, d.n) for d in days] == [("veh-a1", T0 - T0 % 86_400, PER_WINDOW)]
     assert not scheduler.running
     off = settings_for(sqlite_url, data_dir=tmp_path, alert_jobs_enabled=False)
     with TestClient(create_app(off, start_ingest=False, start_jobs=True)) as client:
