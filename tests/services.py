@@ -24,8 +24,10 @@ import subprocess
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 BROKER_CONF = REPO / "collector" / "deploy" / "mosquitto.conf"
@@ -247,3 +249,32 @@ def private_postgres(folder: Path) -> Postgres:
     with psycopg.connect(pg.admin_url, autocommit=True) as conn:
         conn.execute('CREATE DATABASE "fleet"')
     return pg
+
+
+@contextlib.contextmanager
+def serve_app(app: Any, timeout: float = 20.0) -> Iterator[str]:
+    """Serve an ASGI app with uvicorn on a free port in a thread; yield its base URL once it answers /api/v1/health.
+
+    For tests of clients that talk real HTTP (``fleetctl``); stopped on exit.
+    """
+    import threading
+
+    import httpx
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{server.config.port}"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{base}/api/v1/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.05)
+    try:
+        yield base
+    finally:
+        server.should_exit = True
+        thread.join(10)

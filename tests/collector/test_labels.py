@@ -9,16 +9,12 @@ import gzip
 import json
 import logging
 import math
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
 from prometheus_client import REGISTRY
 from sqlalchemy.engine import Engine
@@ -33,7 +29,7 @@ from collector.mqtt import InboundMessage
 from edge_agent.labels import LateLabels
 from shared.codec import RecordBlock, encode_batch
 from tests.collector.test_monitoring_windows import CABIN_BUNDLE, DEV_PUB
-from tests.services import free_port
+from tests.services import serve_app
 from tests.shared.test_codec import make_batch, make_block
 
 CLASSES = ["impact", "normal", "smoking", "vaping", "window_open"]  # the label list of cabin-v1.tar
@@ -318,23 +314,10 @@ def served(tmp_path: Path) -> Iterator[tuple[str, Engine]]:
         database_url=url, data_dir=tmp_path, monitoring_bundles=[CABIN_BUNDLE], monitoring_trusted_keys=[DEV_PUB]
     )
     upgrade(url)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(settings, start_ingest=False), port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{base}/api/v1/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.05)
     engine = make_engine(url)
-    yield base, engine
+    with serve_app(create_app(settings, start_ingest=False)) as base:
+        yield base, engine
     engine.dispose()
-    server.should_exit = True
-    thread.join(10)
 
 
 def fleetctl(base: str, capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
