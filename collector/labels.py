@@ -10,9 +10,10 @@ record's model cannot be known yet. Labels are stored as class indices, so nothi
 resolved when the record arrives later.
 
 Pushing a label again for the same record replaces it (``ON CONFLICT … DO UPDATE``). One push of up
-to :data:`MAX_ITEMS` labels costs four statements, whatever its size: the keys are looked up in
-``inference`` in one join (PostgreSQL: ``unnest`` of arrays; SQLite: a temporary table), and the
-labels are upserted in one statement, so 100,000 labels take a few seconds over HTTP.
+to :data:`MAX_ITEMS` labels costs a fixed number of statements, whatever its size: the keys are looked
+up in ``inference`` in one statement (PostgreSQL: one JSON parameter and a primary-key probe per label;
+SQLite: a temporary table joined on the key), and the labels are upserted in one statement. 100,000
+labels through ``fleetctl`` cost about 4 CPU-seconds end to end (``benchmarks/labels_push.py``).
 
 Realized accuracy (:func:`label_stats`) is aggregated in the database: every record with a late
 label (or, failing that, a label that came inline with the record, ``inference.label``) contributes
