@@ -341,7 +341,7 @@ class AlertEngine:
             for m in status.models:
                 seen.add((device, m.model_name, m.model_version))
                 out.extend(self._model_candidates("device", device, m, per_device=True))
-                for signal in sorted(set(SEQUENTIAL_SIGNALS) | {s for (d, n, v, s) in alarms if d == device}):
+                for signal in sorted(set(SEQUENTIAL_SIGNALS) | {key[3] for key in alarms if key[0] == device}):
                     hits = alarms.get((device, m.model_name, m.model_version, signal), [])
                     out.append(
                         self._candidate(
@@ -392,11 +392,7 @@ class AlertEngine:
         with Session(self.engine) as session:
             rows = session.exec(
                 select(SequentialAlarm)
-                .where(
-                    col(SequentialAlarm.ts) >= start,
-                    col(SequentialAlarm.ts) < start + self.window_s,
-                    SequentialAlarm.model_version != "",
-                )
+                .where(col(SequentialAlarm.ts) >= start, col(SequentialAlarm.ts) < start + self.window_s)
                 .order_by(col(SequentialAlarm.ts))
             ).all()
         for a in rows:

@@ -36,7 +36,7 @@ from collector.alerts import (
 from collector.app import create_app
 from collector.config import Settings
 from collector.db import make_engine, upgrade
-from collector.db.models import Alert, AlertCondition, MonitoringWindow, WebhookDelivery
+from collector.db.models import Alert, AlertCondition, MonitoringWindow, SequentialAlarm, WebhookDelivery
 from collector.fleetctl import main as fleetctl
 from collector.jobs import EVALUATE_JOB, ROLLUP_JOB, WEBHOOK_JOB, evaluation_step, first_evaluation, start_jobs
 from collector.monitoring.service import MonitoringService
@@ -135,6 +135,27 @@ def send_window(engine: Engine, k: int, plan: dict[str, str]) -> None:
     ingest(engine, writer, msgs)
 
 
+def alarm(engine: Engine, device: str, k: int, seq: int) -> None:
+    """A Page-Hinkley alarm on calibrated confidence at a record of window ``k`` (as ingest writes them)."""
+    with Session(engine) as s:
+        s.add(
+            SequentialAlarm(
+                id=None,
+                device_id=device,
+                model_name="cabin-events",
+                model_version="1.0.0",
+                signal="calibrated",
+                detector="page_hinkley",
+                spool_epoch="e" * 16,
+                seq=seq,
+                ts=T0 + k * WINDOW_S + 2.5,
+                detail={"direction": "drop"},
+                received_at=T0 + k * WINDOW_S + 3.0,
+            )
+        )
+        s.commit()
+
+
 def closed(k: int) -> float:
     """The evaluation time at which window ``k`` has just closed (its end plus the grace)."""
     return T0 + (k + 1) * WINDOW_S + GRACE_S
@@ -159,8 +180,11 @@ def test_lifecycle_hysteresis_dedup_ack_restart(db_url: str, hook: Hook) -> None
     alert_engine = new_engine(engine, settings)
     fired_before = sample("fleet_alerts_fired_total", {"kind": "pca_error", "severity": "warning"})
 
-    # Window 0 drifted: one bad window is not enough.
+    # Window 0 drifted: one bad window is not enough. Sequential alarms on veh-a1 (which sends records) and on
+    # veh-z (which sends none: the alarm alone makes the window bad) in windows 0 and 1.
     send_window(engine, 0, plan)
+    alarm(engine, "veh-a1", 0, 25)
+    alarm(engine, "veh-z", 0, 7)
     summary = alert_engine.evaluate(closed(0))
     assert summary.windows == [T0] and alerts_of(engine, DRIFTED) == []
     # Evaluating again at the same time changes nothing.
@@ -168,6 +192,8 @@ def test_lifecycle_hysteresis_dedup_ack_restart(db_url: str, hook: Hook) -> None
 
     # Window 1 drifted too: fires, at the end of window 1.
     send_window(engine, 1, plan)
+    alarm(engine, "veh-a1", 1, 75)
+    alarm(engine, "veh-z", 1, 8)
     summary = alert_engine.evaluate(closed(1))
     (alert,) = alerts_of(engine, DRIFTED)
     assert alert.id in summary.fired
@@ -185,6 +211,11 @@ def test_lifecycle_hysteresis_dedup_ack_restart(db_url: str, hook: Hook) -> None
     assert set(DRIFT) <= {f["name"] for f in inputs.details["statistics"]["drifting_features"]}
     assert inputs.details["statistics"]["thresholds"]["psi_major"] == 0.25
     assert sample("fleet_alerts_fired_total", {"kind": "pca_error", "severity": "warning"}) == fired_before + 2
+
+    for device in ("veh-a1", "veh-z"):
+        (seq_alert,) = alerts_of(engine, f"sequential_calibrated/device/{device}/cabin-events/1.0.0")
+        assert seq_alert.state == "firing" and seq_alert.message == "page_hinkley alarm on calibrated (1 in window)"
+    assert [a["seq"] for a in seq_alert.details["statistics"]["alarms"]] == [8]
 
     # Window 2 still drifted: the same alert is refreshed, no second one (de-duplication).
     send_window(engine, 2, plan)
@@ -206,6 +237,10 @@ def test_lifecycle_hysteresis_dedup_ack_restart(db_url: str, hook: Hook) -> None
         alert_engine.evaluate(closed(k))
     (alert,) = alerts_of(engine, DRIFTED)
     assert alert.state == "acknowledged" and alert.resolved_at is None
+    # veh-a1's windows 2-4 had records and no alarm: its sequential alert resolved; veh-z's has no data to clear it.
+    (seq_a1,) = alerts_of(engine, "sequential_calibrated/device/veh-a1/cabin-events/1.0.0")
+    assert seq_a1.state == "resolved" and seq_a1.resolved_at == T0 + 5 * WINDOW_S
+    assert [a.state for a in alerts_of(engine, "sequential_calibrated/device/veh-z/cabin-events/1.0.0")] == ["firing"]
     with Session(engine) as s:
         row = s.get(AlertCondition, DRIFTED)
         assert row is not None and (row.bad_streak, row.good_streak, row.last_window) == (0, 2, T0 + 4 * WINDOW_S)
