@@ -18,7 +18,6 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
 from prometheus_client import REGISTRY
 from sqlalchemy.engine import Engine
@@ -42,7 +41,7 @@ from collector.jobs import EVALUATE_JOB, ROLLUP_JOB, WEBHOOK_JOB, evaluation_ste
 from collector.monitoring.service import MonitoringService
 from collector.monitoring.windows import WindowWriter
 from tests.collector.monitoring.test_service import CABIN_BUNDLE, DEV_PUB, DRIFT, catalog, ingest, records_message
-from tests.services import free_port
+from tests.services import free_port, serve_app
 
 WINDOW_S = 5.0
 GRACE_S = 1.0
@@ -494,22 +493,9 @@ def api_url(sqlite_url: str, tmp_path: Any) -> Iterator[tuple[str, tuple[int, in
     engine = make_engine(sqlite_url)
     ids = seed_three(engine)
     engine.dispose()
-    port = free_port()
     app = create_app(Settings(database_url=sqlite_url, data_dir=tmp_path), start_ingest=False)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{base}/api/v1/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.05)
-    yield base, ids
-    server.should_exit = True
-    thread.join(10)
+    with serve_app(app) as base:
+        yield base, ids
 
 
 def test_fleetctl_alerts_list_and_ack(
