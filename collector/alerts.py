@@ -9,7 +9,8 @@ collector, or a second replica, neither skips a window nor counts one twice. Eac
 * per (device, model version): :meth:`MonitoringService.evaluate_devices` (drift decided with
   Benjamini-Hochberg across all devices jointly), its accuracy estimate and region, its data quality, and
   the sequential detectors' alarms (``sequential_alarm`` rows) that fall in the window;
-* per model version, fleet-wide: :meth:`MonitoringService.status` (drift and accuracy of the merged fleet).
+* per model version, fleet-wide: :meth:`MonitoringService.status` (drift and accuracy of the merged fleet);
+* per model version and group named in ``alert_groups``: the status of the group's merged window.
 
 Every observation goes through :func:`collector.monitoring.alerting.advance` (hysteresis, de-duplication,
 severity) and the resulting alert changes are written in one transaction per window, together with their
@@ -263,6 +264,7 @@ class AlertEngine:
             critical_drift_share=settings.alert_critical_drift_share,
         )
         self.webhooks = list(settings.alert_webhooks)
+        self.groups = list(settings.alert_groups)
 
     # --------------------------------------------------------------------------------- driver
 
@@ -340,7 +342,7 @@ class AlertEngine:
         for device, status in per_device.items():
             for m in status.models:
                 seen.add((device, m.model_name, m.model_version))
-                out.extend(self._model_candidates("device", device, m, per_device=True))
+                out.extend(self._candidates("device", device, m, self.observations(m, per_device=True)))
                 for signal in sorted(set(SEQUENTIAL_SIGNALS) | {key[3] for key in alarms if key[0] == device}):
                     hits = alarms.get((device, m.model_name, m.model_version, signal), [])
                     out.append(
@@ -355,18 +357,30 @@ class AlertEngine:
                 obs = observe_sequential(hits, True)
                 out.append(Candidate(key, f"sequential_{signal}", "device", device, name, version, obs))
         for m in fleet.models:
-            out.extend(self._model_candidates("model", m.model_version, m, per_device=False))
+            out.extend(self._candidates("model", m.model_version, m, self.observations(m, per_device=False)))
             self._export_gauges(m)
+        for group in self.groups:
+            status = self.service.status(Scope(group=group, role=ROLE, since=start, until=start + self.window_s))
+            for m in status.models:
+                out.extend(self._candidates("group", group, m, self.observations(m, per_device=False)))
         return out
 
     def _candidate(self, kind: str, scope: str, subject: str, m: ModelStatus, obs: Observation) -> Candidate:
         key = condition_key(kind, scope, subject, m.model_name, m.model_version)
         return Candidate(key, kind, scope, subject, m.model_name, m.model_version, obs)
 
-    def _model_candidates(self, scope: str, subject: str, m: ModelStatus, *, per_device: bool) -> list[Candidate]:
-        if not m.has_reference:
-            return []
+    def _candidates(self, scope: str, subject: str, m: ModelStatus, found: dict[str, Observation]) -> list[Candidate]:
+        return [self._candidate(kind, scope, subject, m, obs) for kind, obs in found.items()]
+
+    def observations(self, m: ModelStatus, *, per_device: bool) -> dict[str, Observation]:
+        """The condition kinds of one model version's status in one window, each bad, good or unknown.
+
+        Data quality only for a device (``per_device``): a sensor or a clock belongs to a device, and a
+        group or fleet-wide verdict would repeat the device alerts. A version without a reference has none.
+        """
         found: dict[str, Observation] = {}
+        if not m.has_reference:
+            return found
         if m.drift is not None:
             found.update(observe_drift(m.drift, self.policy))
         if m.accuracy is not None:
@@ -375,9 +389,8 @@ class AlertEngine:
             found["estimated_accuracy"] = observe_accuracy(m.accuracy.expected, ref, self.policy)
             found["estimate_unreliable"] = observe_region(m.accuracy.region)
         if per_device and m.data_quality is not None:
-            # Data quality belongs to a device (a sensor, a clock); fleet-wide it would repeat the device alerts.
             found.update(observe_quality(m.data_quality.checks))
-        return [self._candidate(kind, scope, subject, m, obs) for kind, obs in found.items()]
+        return found
 
     def _export_gauges(self, m: ModelStatus) -> None:
         labels = (m.model_name, m.model_version)

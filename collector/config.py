@@ -170,6 +170,11 @@ class Settings(BaseSettings):
     alert_critical_drift_share: float = Field(
         0.5, ge=0, le=1, description="Input drift is critical when at least this share of the tested features drift."
     )
+    alert_groups: list[str] = Field(
+        default_factory=list,
+        description="Device groups (devices tagged group:<name>) also alerted on as a whole, per model version: "
+        "drift and accuracy of the group's merged window (as a JSON array in FLEET_ALERT_GROUPS).",
+    )
     alert_webhooks: list[str] = Field(
         default_factory=list,
         description="URLs that receive a JSON POST when an alert fires, escalates, is acknowledged or resolves "

@@ -30,7 +30,7 @@ def alerts_list(client: Client, args: argparse.Namespace) -> None:
                 x["state"],
                 x["severity"],
                 x["kind"],
-                x["subject"] if x["scope"] == "device" else f"fleet {x['subject']}",
+                x["subject"] if x["scope"] == "device" else f"{x['scope']} {x['subject']}",
                 f"{x.get('model_name') or '-'}@{x.get('model_version') or '-'}",
                 when(x["fired_at"]),
                 x["message"][:80],
@@ -76,7 +76,7 @@ def register(groups: Any, common: argparse.ArgumentParser) -> None:
     p = alerts.add_parser("list", parents=[common], help="list alerts, newest first")
     p.add_argument("--state", choices=("open", "firing", "acknowledged", "resolved"))
     p.add_argument("--kind", help="e.g. input_drift, estimated_accuracy, stuck_sensor")
-    p.add_argument("--scope", choices=("device", "model"))
+    p.add_argument("--scope", choices=("device", "group", "model"), help="model: a model version fleet-wide")
     p.add_argument("--device-id")
     p.add_argument("--model-version")
     p.add_argument("--since", help="fired at or after (ISO 8601 or seconds since the epoch)")

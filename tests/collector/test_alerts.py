@@ -40,7 +40,15 @@ from collector.fleetctl import main as fleetctl
 from collector.jobs import EVALUATE_JOB, ROLLUP_JOB, WEBHOOK_JOB, evaluation_step, first_evaluation, start_jobs
 from collector.monitoring.service import MonitoringService
 from collector.monitoring.windows import WindowWriter
-from tests.collector.monitoring.test_service import CABIN_BUNDLE, DEV_PUB, DRIFT, catalog, ingest, records_message
+from tests.collector.monitoring.test_service import (
+    CABIN_BUNDLE,
+    DEV_PUB,
+    DRIFT,
+    catalog,
+    ingest,
+    records_message,
+    tag_devices,
+)
 from tests.services import free_port, serve_app
 
 WINDOW_S = 5.0
@@ -173,7 +181,7 @@ def sample(name: str, labels: dict[str, str] | None = None) -> float:
 
 
 def test_lifecycle_hysteresis_dedup_ack_restart(db_url: str, hook: Hook) -> None:
-    settings = settings_for(db_url, alert_webhooks=[hook.url])
+    settings = settings_for(db_url, alert_webhooks=[hook.url], alert_groups=["b"])
     engine = make_engine(db_url)
     plan = {"veh-a1": "........", "veh-b1": "DDD...DD"}
     alert_engine = new_engine(engine, settings)
@@ -182,6 +190,7 @@ def test_lifecycle_hysteresis_dedup_ack_restart(db_url: str, hook: Hook) -> None
     # Window 0 drifted: one bad window is not enough. Sequential alarms on veh-a1 (which sends records) and on
     # veh-z (which sends none: the alarm alone makes the window bad) in windows 0 and 1.
     send_window(engine, 0, plan)
+    tag_devices(engine, {"veh-a1": ["group:a"], "veh-b1": ["group:b"]})
     alarm(engine, "veh-a1", 0, 25)
     alarm(engine, "veh-z", 0, 7)
     summary = alert_engine.evaluate(closed(0))
@@ -209,8 +218,12 @@ def test_lifecycle_hysteresis_dedup_ack_restart(db_url: str, hook: Hook) -> None
     (inputs,) = alerts_of(engine, "input_drift/device/veh-b1/cabin-events/1.0.0")
     assert set(DRIFT) <= {f["name"] for f in inputs.details["statistics"]["drifting_features"]}
     assert inputs.details["statistics"]["thresholds"]["psi_major"] == 0.25
-    assert sample("fleet_alerts_fired_total", {"kind": "pca_error", "severity": "warning"}) == fired_before + 2
+    # pca_error fired for veh-b1, for group b and for the model version fleet-wide.
+    assert sample("fleet_alerts_fired_total", {"kind": "pca_error", "severity": "warning"}) == fired_before + 3
 
+    # Group b (veh-b1 alone) alerts as a whole too, on its merged window.
+    (group_alert,) = alerts_of(engine, "pca_error/group/b/cabin-events/1.0.0")
+    assert (group_alert.scope, group_alert.subject, group_alert.fired_at) == ("group", "b", T0 + 2 * WINDOW_S)
     for device in ("veh-a1", "veh-z"):
         (seq_alert,) = alerts_of(engine, f"sequential_calibrated/device/{device}/cabin-events/1.0.0")
         assert seq_alert.state == "firing" and seq_alert.message == "page_hinkley alarm on calibrated (1 in window)"
@@ -513,7 +526,7 @@ def test_fleetctl_alerts_list_and_ack(
     lines = out.strip().splitlines()
     assert code == 0 and lines[0].split()[:4] == ["ID", "STATE", "SEVERITY", "KIND"]
     assert [line.split()[0] for line in lines[2:-1]] == [str(c), str(a)] and lines[-1] == "2 alerts"
-    assert "fleet 1.1.0" in lines[2] and "veh-1" in lines[3]
+    assert "model 1.1.0" in lines[2] and "veh-1" in lines[3]
 
     code, out = run("ack", str(a), "--by", "ops", "--note", "on it", "--json")
     assert code == 0

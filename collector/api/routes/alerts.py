@@ -26,8 +26,8 @@ class AlertPublic(BaseModel):
     id: int
     key: str = Field(description="the condition: kind/scope/subject/model_name/model_version")
     kind: str = Field(description="input_drift, estimated_accuracy, stuck_sensor, sequential_calibrated, ...")
-    scope: str = Field(description="device | model (a model version fleet-wide)")
-    subject: str = Field(description="device id, or the model version for scope model")
+    scope: str = Field(description="device | group | model (a model version fleet-wide)")
+    subject: str = Field(description="device id, group name, or the model version for scope model")
     model_name: str | None
     model_version: str | None
     state: Literal["firing", "acknowledged", "resolved"]
@@ -65,7 +65,7 @@ def list_alerts(
     session: SessionDep,
     state: StateQuery = None,
     kind: str | None = None,
-    scope: Literal["device", "model"] | None = None,
+    scope: Literal["device", "group", "model"] | None = None,
     subject: str | None = None,
     device_id: Annotated[str | None, Query(description="shorthand for scope=device&subject=ID")] = None,
     model_version: str | None = None,
@@ -75,7 +75,7 @@ def list_alerts(
 ) -> Page[AlertPublic]:
     """Alerts newest first, filtered by state, kind, scope, subject (or device), model version and firing time."""
     if device_id is not None:
-        if (subject is not None and subject != device_id) or scope == "model":
+        if (subject is not None and subject != device_id) or scope not in (None, "device"):
             raise HTTPException(UNPROCESSABLE, "device_id selects scope=device and subject=device_id; do not mix")
         scope, subject = "device", device_id
     try:
