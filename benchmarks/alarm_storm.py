@@ -64,16 +64,6 @@ from collector.config import Settings
 from collector.db.engine import make_engine, upgrade
 from collector.db.models import Alert, SequentialAlarm
 from collector.ingest.service import Ingest, prepare
-from collector.monitoring.alerting import (
-    Observation,
-    OpenAlert,
-    Streaks,
-    advance,
-    observe_accuracy,
-    observe_drift,
-    observe_region,
-    reference_accuracy,
-)
 from collector.monitoring.catalog import CatalogEntry, ReferenceCatalog
 from collector.monitoring.drift import (
     DriftThresholds,
@@ -87,7 +77,7 @@ from collector.monitoring.drift import (
 )
 from collector.monitoring.offline import reference_counts
 from collector.monitoring.offline import window_counts as offline_window_counts
-from collector.monitoring.service import MonitoringService, Scope
+from collector.monitoring.service import MonitoringService
 from collector.monitoring.sketches import WindowSketch
 from collector.monitoring.windows import WINDOW_TABLE
 from collector.mqtt import InboundMessage
@@ -195,6 +185,13 @@ class Plan:
         """Vehicle ``number``'s id; the drifting group comes first."""
         return f"{'age' if self.ageing_device(number) else 'sim'}-{number:03d}"
 
+    def group(self, number: int) -> str:
+        """Vehicle ``number``'s group: the ageing one, or one of the stationary groups of the same size."""
+        if self.ageing_device(number):
+            return GROUP
+        size = self.group_size or 10
+        return f"stationary-{(number - (self.group_size if self.ageing else 0)) // size}"
+
     def ageing_device(self, number: int) -> bool:
         """Whether vehicle ``number`` belongs to the drifting group."""
         return self.ageing is not None and number < self.group_size
@@ -291,6 +288,7 @@ class Vehicle:
 
     device_id: str
     ageing: bool
+    group: str
     boot_id: str
     spool_epoch: str
     cols: InferenceColumns
@@ -335,7 +333,7 @@ class Vehicle:
             spool_epoch=self.spool_epoch,
             profile=PROFILE,
             model=messages.ModelRef(name=engine.model_name, version=engine.model_version),
-            tags=["simulated", f"group:{GROUP}"] if self.ageing else ["simulated"],
+            tags=["simulated", f"group:{self.group}"],
         )
 
 
@@ -415,56 +413,6 @@ class Uplink:
             msgs.append(self._message(topics.topic(v.device_id, topics.Kind.TELEMETRY), payload, until + LINK_DELAY_S))
         if msgs:
             self._write(msgs)
-
-
-# ------------------------------------------------------------------------------------ the group scope
-
-
-class GroupWatch:
-    """The drifting group's scope, judged per closed window with the alert lifecycle's own rules.
-
-    The alert engine alerts per device and per model version fleet-wide; a group is a scope of the
-    monitoring service (``Scope(group=...)``). Its status per window goes through the same
-    ``observe_*`` functions and :func:`~collector.monitoring.alerting.advance` hysteresis as an alert
-    would, so "when would a group alert have fired" is answered by the alert rules, not by ours.
-    """
-
-    def __init__(self, service: MonitoringService, alerts: AlertEngine, group: str) -> None:
-        self.service = service
-        self.alerts = alerts
-        self.group = group
-        self.streaks: dict[str, Streaks] = {}
-        self.open: dict[str, OpenAlert] = {}
-        self.fired: list[tuple[str, float]] = []  # (kind, end of the window that fired it)
-        self.verdicts: list[tuple[float, str, list[str]]] = []  # (window start, drift verdict, reasons)
-
-    def observe(self, start: float) -> None:
-        """Judge the group's window starting at ``start``."""
-        window_s = self.alerts.window_s
-        status = self.service.status(Scope(group=self.group, role="active", since=start, until=start + window_s))
-        for m in status.models:
-            if not m.has_reference:
-                continue
-            found: dict[str, Observation] = {}
-            if m.drift is not None:
-                self.verdicts.append((start, m.drift.verdict, list(m.drift.reasons)))
-                found.update(observe_drift(m.drift, self.alerts.policy))
-            if m.accuracy is not None:
-                entry = self.service.catalog.get(m.model_name, m.model_version)
-                ref = None if entry is None else reference_accuracy(entry.manifest.training.metrics)
-                found["estimated_accuracy"] = observe_accuracy(m.accuracy.expected, ref, self.alerts.policy)
-                found["estimate_unreliable"] = observe_region(m.accuracy.region)
-            for kind, obs in found.items():
-                step = advance(
-                    self.streaks.get(kind, Streaks()), self.open.get(kind), start, obs, self.alerts.hysteresis
-                )
-                self.streaks[kind] = step.streaks
-                if step.action == "fire":
-                    assert step.severity is not None
-                    self.open[kind] = OpenAlert("firing", step.severity)
-                    self.fired.append((kind, start + window_s))
-                elif step.action == "resolve":
-                    self.open.pop(kind, None)
 
 
 # ------------------------------------------------------------------------------------ why: the diagnosis
@@ -653,8 +601,6 @@ class Outcome:
 
     plan: Plan
     alerts: list[dict[str, Any]]
-    group_fired: list[tuple[str, float]]
-    group_verdicts: list[tuple[float, str, list[str]]]
     windows_evaluated: int
     records: int
     messages: int
@@ -682,7 +628,15 @@ def run(plan: Plan, database_url: str, *, workers: int = 2, diagnosis: bool = Fa
         cols = engine.infer_many(tr.features, tr.flags)
         tag = f"{plan.seed:08x}{tr.number:08x}"
         vehicles.append(
-            Vehicle(plan.device_id(tr.number), plan.ageing_device(tr.number), f"b{tag}", f"e{tag}", cols, tr.ts)
+            Vehicle(
+                plan.device_id(tr.number),
+                plan.ageing_device(tr.number),
+                plan.group(tr.number),
+                f"b{tag}",
+                f"e{tag}",
+                cols,
+                tr.ts,
+            )
         )
         truth.update(tr.truth)
     seconds["infer"] = time.perf_counter() - t0
@@ -696,6 +650,8 @@ def run(plan: Plan, database_url: str, *, workers: int = 2, diagnosis: bool = Fa
         monitoring_trusted_keys=[TRUSTED_KEY],
         monitoring_window_s=plan.window_s,
         alert_jobs_enabled=False,
+        # Every group is alerted on as a whole: the ageing one and the stationary ones (false alerts count too).
+        alert_groups=sorted({v.group for v in vehicles}),
     )
     db = make_engine(settings.database)
     try:
@@ -704,7 +660,6 @@ def run(plan: Plan, database_url: str, *, workers: int = 2, diagnosis: bool = Fa
         catalog = ReferenceCatalog.from_settings(settings)
         service = MonitoringService(db, catalog, settings)
         alerts = AlertEngine(db, service, settings)
-        group = GroupWatch(service, alerts, GROUP)
         evaluate_s = 0.0
         windows = 0
         uplink.online(plan.start_ts)
@@ -716,9 +671,6 @@ def run(plan: Plan, database_url: str, *, workers: int = 2, diagnosis: bool = Fa
             uplink.send(min(now, plan.start_ts + plan.duration_s))
             t1 = time.perf_counter()
             summary = alerts.evaluate(now)
-            for start in summary.windows:
-                if plan.group_size:
-                    group.observe(start)
             windows += len(summary.windows)
             evaluate_s += time.perf_counter() - t1
             if summary.windows:
@@ -747,8 +699,6 @@ def run(plan: Plan, database_url: str, *, workers: int = 2, diagnosis: bool = Fa
     return Outcome(
         plan=plan,
         alerts=alert_rows,
-        group_fired=group.fired,
-        group_verdicts=group.verdicts,
         windows_evaluated=windows,
         records=uplink.records,
         messages=uplink.messages,
@@ -767,66 +717,69 @@ def run(plan: Plan, database_url: str, *, workers: int = 2, diagnosis: bool = Fa
 def summarise(out: Outcome) -> dict[str, Any]:
     """The run's figures: false alerts per 10 stationary device-days, drift delays in windows, costs.
 
-    A *false alert* is any alert fired on a stationary vehicle, on a vehicle of the drifting group
-    before its onset, or fleet-wide (model scope) before the onset (all day when nothing drifts).
-    Stationary device-days count the stationary vehicles for the whole run and the drifting group
-    until its onset. The drift delay of a vehicle is from the onset to the end of the window whose
-    evaluation first fired an alert on it after the onset, in windows.
+    A *false alert* is any alert fired on a stationary vehicle or group, on the ageing group or one
+    of its vehicles before the onset, or fleet-wide (model scope) before the onset (all day when
+    nothing drifts). Stationary device-days count the stationary vehicles for the whole run and the
+    ageing group until its onset. The drift delay is from the onset to the end of the window whose
+    evaluation first fired an alert on the group (scope group) or one of its vehicles after the
+    onset, in windows. Fleet-wide alerts after the onset are reported apart: the fleet holds the group.
     """
     plan = out.plan
     w = plan.window_s
     onset = plan.onset_ts
     ageing_ids = {plan.device_id(k) for k in range(plan.vehicles) if plan.ageing_device(k)}
+
+    def on_group(a: dict[str, Any]) -> bool:
+        return (a["scope"] == "device" and a["subject"] in ageing_ids) or (
+            a["scope"] == "group" and a["subject"] == GROUP
+        )
+
     false: list[dict[str, Any]] = []
     after: list[dict[str, Any]] = []
     for a in out.alerts:
         before_onset = onset is None or a["fired_at"] <= onset
-        on_group = a["scope"] == "device" and a["subject"] in ageing_ids
-        if (a["scope"] == "device" and not on_group) or before_onset:
+        if before_onset or (a["scope"] != "model" and not on_group(a)):
             false.append(a)
         else:
             after.append(a)
     group_days = len(ageing_ids) * min(plan.ageing.onset_s if plan.ageing else 0.0, plan.duration_s) / 86400.0
     device_days = plan.devices * plan.duration_s / 86400.0 + group_days
     by_kind = Counter(f"{a['scope']}:{a['kind']}" for a in false)
+    rate = 10.0 * len(false) / device_days if device_days else None
+
+    def still_open(a: dict[str, Any]) -> bool:
+        return a["resolved_at"] is None or (onset is not None and a["resolved_at"] > onset)
+
+    def delay(a: dict[str, Any] | None) -> float | None:
+        return None if a is None or onset is None else round((a["fired_at"] - onset) / w, 3)
+
     per_device: dict[str, dict[str, Any]] = {}
     for dev in sorted(ageing_ids):
-        mine = [a for a in after if a["subject"] == dev]
+        mine = [a for a in after if a["scope"] == "device" and a["subject"] == dev]
         first = min(mine, key=lambda a: a["fired_at"]) if mine else None
-        open_at_onset = sorted(
-            {
-                a["kind"]
-                for a in false
-                if a["subject"] == dev
-                and (a["resolved_at"] is None or (onset is not None and a["resolved_at"] > onset))
-            }
-        )
         per_device[dev] = {
-            "first_alert_delay_windows": None if first is None else round((first["fired_at"] - onset) / w, 3),
+            "first_alert_delay_windows": delay(first),
             "first_alert_kind": None if first is None else first["kind"],
             "kinds_after_onset": sorted({a["kind"] for a in mine}),
-            "kinds_open_at_onset": open_at_onset,
+            "kinds_open_at_onset": sorted(
+                {a["kind"] for a in false if a["scope"] == "device" and a["subject"] == dev and still_open(a)}
+            ),
         }
     delays = [d["first_alert_delay_windows"] for d in per_device.values() if d["first_alert_delay_windows"] is not None]
-    group_after = [(k, t) for k, t in out.group_fired if onset is not None and t > onset]
-    group_before = [(k, t) for k, t in out.group_fired if onset is None or t <= onset]
-    group_first = min(group_after, key=lambda kt: kt[1]) if group_after else None
-    verdict_after = [s for s, v, _ in out.group_verdicts if onset is not None and s >= onset and v == "drift"]
-    fleet_after = [a for a in after if a["scope"] != "device"]
-    rate = 10.0 * len(false) / device_days if device_days else None
+    group_alerts = [a for a in after if a["scope"] == "group"]
+    group_first = min(group_alerts, key=lambda a: a["fired_at"]) if group_alerts else None
+    group_open = sorted({a["kind"] for a in false if a["scope"] == "group" and a["subject"] == GROUP and still_open(a)})
     drift: dict[str, Any] | None = None
     if plan.ageing is not None and onset is not None:
-        candidates = [*delays, *([round((group_first[1] - onset) / w, 3)] if group_first else [])]
+        firsts = [x for x in (min(delays, default=None), delay(group_first)) if x is not None]
         drift = {
             "onset_h": plan.ageing.onset_s / 3600.0,
             "aged_after_one_window": {k: round(v, 4) for k, v in plan.ageing.at(w).items()},
-            "group_first_alert_delay_windows": min(candidates) if candidates else None,
-            "group_scope_delay_windows": None if group_first is None else round((group_first[1] - onset) / w, 3),
-            "group_scope_kind": None if group_first is None else group_first[0],
-            "group_scope_fired_before_onset": [k for k, _ in group_before],
-            "group_scope_first_drift_verdict_delay_windows": (
-                round((min(verdict_after) + w - onset) / w, 3) if verdict_after else None
-            ),
+            "group_first_alert_delay_windows": min(firsts) if firsts else None,
+            "group_scope_delay_windows": delay(group_first),
+            "group_scope_kind": None if group_first is None else group_first["kind"],
+            "group_scope_kinds_after_onset": sorted({a["kind"] for a in group_alerts}),
+            "group_scope_kinds_open_at_onset": group_open,
             "devices_alerted": len(delays),
             "devices": len(per_device),
             "device_delay_windows": {
@@ -835,7 +788,7 @@ def summarise(out: Outcome) -> dict[str, Any]:
                 "max": max(delays) if delays else None,
             },
             "per_device": per_device,
-            "fleet_scope_alerts_after_onset": sorted({a["kind"] for a in fleet_after}),
+            "fleet_scope_alerts_after_onset": sorted({a["kind"] for a in after if a["scope"] == "model"}),
             # The same span for the stationary vehicles: the chance of a new alert without any drift.
             "stationary_devices_alerted_in_two_windows_after_onset": len(
                 {
