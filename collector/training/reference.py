@@ -83,6 +83,49 @@ def quantile_edges(
     return np.unique(np.concatenate([[first], inner, [last]]))
 
 
+FLOAT16_MAX = float(np.finfo(np.float16).max)
+
+
+def as_wire(values: np.ndarray) -> np.ndarray:
+    """``values`` as the collector sees them when features travel as float16 (the codec's usual form).
+
+    Values beyond float16's range are left as they are (the codec sends such a block as float32).
+    """
+    x = np.asarray(values, dtype=np.float64)
+    fits = np.isfinite(x) & (np.abs(x) <= FLOAT16_MAX)
+    with np.errstate(over="ignore"):
+        return np.where(fits, x.astype(np.float16).astype(np.float64), x)
+
+
+def wire_edges(values: np.ndarray, bins: int = DEFAULT_BINS) -> np.ndarray:
+    """Quantile edges of a feature, each inner edge moved to the midpoint between two float16 neighbours.
+
+    The agent usually sends features as float16 (shared.codec), so the collector sees every value
+    rounded to the float16 grid, whose step can exceed a quantile bin's width (pressure near
+    1,000 hPa moves in steps of 0.5). Edges are therefore placed on the float16-rounded training
+    values, and every inner edge at the midpoint below the smallest grid value at or above it. A
+    value then falls into the same bin whether it arrives as float32 or rounded to float16, and the
+    reference counts (of the rounded values) are what a stationary stream reproduces; otherwise a
+    stationary device shows drift from rounding alone. A value exactly at a midpoint (CSV data with
+    two decimals hits them) goes where float16's round-half-to-even sends it.
+    """
+    wire = as_wire(values)
+    edges = quantile_edges(wire, bins)
+    inner = edges[1:-1]
+    on_grid = np.abs(inner) <= FLOAT16_MAX
+    g = inner[on_grid].astype(np.float16)
+    g = np.where(g.astype(np.float64) < inner[on_grid], np.nextafter(g, np.float16(np.inf)), g)
+    below = np.nextafter(g, np.float16(-np.inf))
+    mid = (g.astype(np.float64) + below.astype(np.float64)) / 2.0
+    # A value exactly at the midpoint rounds to the neighbour with the even significand (IEEE
+    # round-half-to-even): when that is the lower one, the edge sits just above the midpoint.
+    odd = (g.view(np.uint16) & 1).astype(bool)
+    inner = inner.copy()
+    inner[on_grid] = np.where(odd, np.nextafter(mid, np.inf), mid)
+    inner = inner[(inner > edges[0]) & (inner < edges[-1])]
+    return np.unique(np.concatenate([[edges[0]], inner, [edges[-1]]]))
+
+
 def integer_edges(values: np.ndarray, bins: int = DEFAULT_BINS) -> np.ndarray:
     """Half-integer edges for a count: one bin per value when at most ``bins`` values occur, else quantile bins.
 
@@ -128,7 +171,7 @@ def histogram(values: np.ndarray, edges: np.ndarray | list[float]) -> Histogram:
 
 
 def feature_references(x: np.ndarray, names: list[str], bins: int = DEFAULT_BINS) -> list[FeatureReference]:
-    """Mean, std, range and quantile histogram of every column of ``x`` (physical units)."""
+    """Mean, std, range and quantile histogram (on float16 wire edges: :func:`wire_edges`) of every column of ``x``."""
     x = np.asarray(x, dtype=np.float64)
     if x.ndim != 2 or x.shape[1] != len(names):
         raise ValueError(f"x has shape {x.shape}; expected [n, {len(names)}]")
@@ -142,7 +185,7 @@ def feature_references(x: np.ndarray, names: list[str], bins: int = DEFAULT_BINS
                 std=float(v.std()),
                 min=float(v.min()),
                 max=float(v.max()),
-                histogram=histogram(v, quantile_edges(v, bins)),
+                histogram=histogram(as_wire(v), wire_edges(v, bins)),
             )
         )
     return refs

@@ -19,6 +19,7 @@ from collector.training.evaluation import expected_calibration_error, fit_temper
 from collector.training.labelled import load_labelled_csv, stratified_split
 from collector.training.reference import (
     active_units,
+    as_wire,
     bin_counts,
     bin_index,
     class_priors,
@@ -31,6 +32,7 @@ from collector.training.reference import (
     rare_coactivation_counts,
     rare_pair_mask,
     reconstruction_error,
+    wire_edges,
 )
 from shared.bundle import BundleError, calibrate, load_bundle, rare_pair_indices, run_golden
 from shared.interpreter import interpreter_class, load_interpreter
@@ -447,3 +449,25 @@ def test_fit_temperature_undoes_overconfidence() -> None:
     assert t == pytest.approx(3.0, rel=0.05)
     assert nll(calibrate(overconfident, t), y) < nll(overconfident, y)
     assert fit_temperature(true_p, y) == pytest.approx(1.0, rel=0.05)
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        np.round(np.random.default_rng(0).normal(1013.3, 0.2, 20_000), 2),  # pressure: grid step 0.5 > bins
+        np.random.default_rng(1).integers(0, 5_000, 20_000).astype(np.float64),  # counts past 2048 (step 2)
+        np.round(np.random.default_rng(2).normal(0.0, 1.0, 20_000), 3),
+        np.random.default_rng(3).lognormal(9.0, 1.5, 20_000),  # partly beyond float16's range
+    ],
+)
+def test_wire_edges_bin_a_value_alike_as_float64_float32_and_float16(values: np.ndarray) -> None:
+    edges = wire_edges(values)
+    assert np.all(np.diff(edges) > 0) and edges.size >= 2
+    exact = bin_index(values, edges)
+    np.testing.assert_array_equal(bin_index(as_wire(values), edges), exact)
+    np.testing.assert_array_equal(bin_index(values.astype(np.float32).astype(np.float64), edges), exact)
+    # Midpoints of the float16 grid (which two-decimal CSV values hit) follow round-half-to-even.
+    grid = np.arange(1000.0, 1030.0, 0.5)
+    ties = (grid[:-1] + grid[1:]) / 2
+    tie_edges = wire_edges(np.concatenate([grid, ties]))
+    np.testing.assert_array_equal(bin_index(ties, tie_edges), bin_index(as_wire(ties), tie_edges))

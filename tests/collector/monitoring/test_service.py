@@ -61,10 +61,9 @@ class Cabin:
     def wire_unresolved(self) -> frozenset[str]:
         """Features of which more than 1 % of held-out rows change reference bin when rounded to float16.
 
-        The reference's quantile edges sit on tied training values (mass points), so the float16
-        the agent sends (``feature_precision="auto"``) moves whole mass points across an edge:
-        a stationary stream drifts on these features by construction, until the trainer places
-        edges between distinct values. Measured here, not listed by hand.
+        The agent sends features as float16 (``feature_precision="auto"``); the trainer places the
+        reference edges at midpoints of the float16 grid (``reference.wire_edges``) so that no row
+        changes bin. Measured here, not listed by hand: it must stay empty.
         """
         out = set()
         for f, ref in enumerate(self.manifest.reference.features):
@@ -298,8 +297,9 @@ def test_stationary_group_has_no_drift_and_a_reliable_estimate(service: Monitori
     assert (m.first_window, m.last_window_end) == (T0, T0 + 3 * WINDOW_S)
     assert m.drift is not None and m.drift.n_tested == 40
     drifting = {f.name for f in m.drift.features if f.verdict == "drift"}
-    # Only features the float16 wire cannot bin like the reference (measured) drift; see the xfail below.
-    assert drifting <= cabin().wire_unresolved
+    # No feature drifts on stationary traffic, and none changes bin through the float16 wire.
+    assert cabin().wire_unresolved == frozenset()
+    assert drifting == set()
     for signal in (m.drift.class_mix, m.drift.confidence, m.drift.pca_error, m.drift.coactivation):
         assert signal.verdict == "ok" and signal.q_value is not None and signal.q_value > signal.threshold
     acc = m.accuracy
@@ -316,11 +316,6 @@ def test_stationary_group_has_no_drift_and_a_reliable_estimate(service: Monitori
     assert any("9.9.9" in w for w in status.warnings)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="cabin-v1's quantile edges sit on tied training values: float16 wire values of a stationary stream "
-    "cross them (pressure, particle counts); fixed when the trainer places edges between distinct values",
-)
 def test_stationary_group_overall_verdict_is_ok(service: MonitoringService) -> None:
     assert service.status(Scope(group="a")).verdict == "ok"
 
