@@ -19,11 +19,12 @@ the same gas gives different responses in later batches. We
    is sketched into the per-window monitoring histograms in the transaction that stores it.
    Phases are separated in time (the next starts more than a window after the previous one was
    acknowledged), so each phase is the time range of its own windows, as an operator would query;
-4. per seed and phase, merges the phase's windows from ``monitoring_window`` and evaluates them with
-   the collector's pure functions: realized accuracy (labels arrived with the records), the CBPE
-   estimate with its Poisson-binomial interval (normal approximation: merged windows keep only
-   ``n, sum p, sum p(1-p)``), the in-reference-region verdict, the drift report (features, class
-   mix, confidence, PCA error, co-activations) and the rare co-activation rate;
+4. per seed and phase, merges the phase's windows from ``monitoring_window`` and evaluates them as the
+   monitoring service does (its catalog and helpers, default thresholds), i.e. with the pure
+   functions: realized accuracy (labels arrived with the records), the CBPE estimate with its
+   Poisson-binomial interval (normal approximation: merged windows keep only ``n, sum p,
+   sum p(1-p)``), the in-reference-region verdict, the drift report (features, class mix,
+   confidence, PCA error, co-activations) and the rare co-activation rate;
 5. runs NannyML's CBPE (peer environment ``.venv-peers``, a subprocess) on the very records the
    collector stored, for the same seeds and phases.
 
@@ -289,7 +290,6 @@ def phase_windows(engine: Any, device: Device, phase: Phase, window_s: float) ->
     """The stored window sketches of ``device`` whose start lies in the phase's time range."""
     import sqlalchemy as sa
 
-    import collector.ingest  # noqa: F401  (first: importing the sketches module on its own is circular today)
     from collector.monitoring.sketches import WindowSketch
     from collector.monitoring.windows import WINDOW_TABLE
 
@@ -334,21 +334,6 @@ def phase_records(engine: Any, device: Device, phase: Phase, n_classes: int) -> 
 
 
 # ------------------------------------------------------------------------------- evaluation
-
-
-def window_counts(sketch: Any, profile: Any) -> Any:
-    """The drift report's view of a merged sketch: each feature's counts cut to its own number of bins."""
-    from collector.monitoring.drift import WindowCounts
-
-    return WindowCounts(
-        feature_counts=[
-            sketch.feature_hist[f, : len(feat.histogram.counts)] for f, feat in enumerate(profile.features)
-        ],
-        class_counts=sketch.class_counts,
-        confidence_counts=sketch.confidence_hist,
-        pca_error_counts=sketch.pca_hist,
-        coactivation_counts=sketch.coact_hist,
-    )
 
 
 @dataclass
@@ -400,24 +385,24 @@ class Cell:
         return self.estimate - self.realized
 
 
-def evaluate_phase(seed: int, phase: str, sketches: list[Any], profile: Any) -> Cell:
-    """Every figure of one phase from its merged window sketch, with the collector's pure functions."""
+def evaluate_phase(seed: int, phase: str, sketches: list[Any], entry: Any) -> Cell:
+    """Every figure of one phase from its merged window sketch, as the monitoring service computes them.
+
+    ``entry`` is the phase's :class:`~collector.monitoring.catalog.CatalogEntry`; the service's own
+    helpers turn the merged sketch into the label-free accuracy with its region verdict and into the
+    drift report, with the default thresholds of the pure functions (``StatusThresholds()``).
+    """
     from collector.monitoring.drift import evaluate_windows
-    from collector.monitoring.performance import (
-        ConfidenceStats,
-        RealizedStats,
-        expected_accuracy,
-        realized_accuracy,
-        region_reliability_from_histograms,
-    )
+    from collector.monitoring.service import StatusThresholds, accuracy_status, window_counts
     from collector.monitoring.sketches import merge_all
 
+    thr = StatusThresholds()
     s = merge_all(sketches)
-    est = expected_accuracy(ConfidenceStats(s.conf_n, s.conf_sum, s.conf_var_sum))
-    real = realized_accuracy(RealizedStats(s.labelled, s.correct))
-    region = region_reliability_from_histograms(profile, s.pca_hist, s.coact_hist)
-    report = evaluate_windows(profile, window_counts(s, profile))
-    assert est.estimate is not None and real.estimate is not None  # n > 0: checked by the caller
+    status = accuracy_status(entry, s, thr)
+    est, region, real = status.expected, status.region, status.realized
+    report = evaluate_windows(entry.reference, window_counts(entry, s), thr.drift)
+    # n > 0 and every record labelled: checked by the caller.
+    assert est.estimate is not None and real is not None and real.estimate is not None
     return Cell(
         seed=seed,
         phase=phase,
@@ -952,26 +937,28 @@ def collect(
     """Evaluate every phase from the stored windows; the stored records for the peer."""
     import sqlalchemy as sa
 
-    from shared.bundle import load_bundle
-    from shared.signing import load_public_keys
+    from collector.monitoring.catalog import ReferenceCatalog
 
     engine = sa.create_engine(f"sqlite:///{db_path}")
-    keys = load_public_keys([TRUSTED_KEY])
+    # The collector's own catalog of verified reference bundles, built as `serve` builds it.
+    catalog = ReferenceCatalog.from_paths([d.bundle for d in devices], [TRUSTED_KEY])
     cells: list[Cell] = []
     records: dict[tuple[int, str], dict[str, np.ndarray]] = {}
     try:
         for d in devices:
-            manifest = load_bundle(d.bundle, keys, check_tensors=False).manifest
+            entry = catalog.get(MODEL_NAME, d.version)
+            if entry is None:
+                raise RuntimeError(f"{d.bundle} did not load into the reference catalog")
             for phase in d.phases:
                 sketches = phase_windows(engine, d, phase, window_s)
-                cell = evaluate_phase(d.seed, phase.name, sketches, manifest.reference)
+                cell = evaluate_phase(d.seed, phase.name, sketches, entry)
                 # Exactly once: every replayed row is in the phase's windows, each once, with its label.
                 if cell.n != phase.rows:
                     raise RuntimeError(
                         f"{d.device_id} phase {phase.name}: {cell.n} records in its windows, {phase.rows} replayed"
                     )
                 cells.append(cell)
-                rec = phase_records(engine, d, phase, len(manifest.labels))
+                rec = phase_records(engine, d, phase, len(entry.labels))
                 if rec["pred"].size != phase.rows or (rec["label"] < 0).any():
                     raise RuntimeError(f"{d.device_id} phase {phase.name}: {rec['pred'].size} labelled records stored")
                 records[(d.seed, phase.name)] = rec

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from benchmarks import gas_drift as gd
+from tests.conftest import service_missing
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "benchmarks" / "gas_drift.py"
@@ -75,6 +76,7 @@ def test_the_data_loads_as_published() -> None:
     assert data.columns[0] == "gas" and data.columns[-1] == "f128" and len(data.rows[0]) == 129
 
 
+@pytest.mark.services
 def test_quick_run_goes_through_agents_and_collector() -> None:
     pytest.importorskip("tensorflow", reason="TensorFlow (the train extra) is not installed: cannot train the model")
     if not gd.DATA.is_file():
@@ -82,18 +84,19 @@ def test_quick_run_goes_through_agents_and_collector() -> None:
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), "--quick"], cwd=REPO, capture_output=True, text=True, timeout=300, check=False
     )
-    if proc.returncode == 2:
-        pytest.skip(f"SERVICE MISSING: {proc.stderr.strip().splitlines()[-1]}")
+    if proc.returncode == 2:  # the script's "cannot run": Mosquitto or the collector's extras missing
+        service_missing(proc.stderr.strip().splitlines()[-1])
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result["benchmark"] == "gas_drift" and result["phases"] == ["ref", "3", "9"]
+    assert result["benchmark"] == "gas_drift" and result["phases"] == ["ref", "9"]
     cells = {c["phase"]: c for c in result["cells"]}
     # Exactly once through the real path: every replayed row is in its phase's windows, with its label.
-    assert cells["ref"]["n"] > 100 and cells["3"]["n"] == cells["9"]["n"] == gd.QUICK_ROWS
+    assert cells["ref"]["n"] > 100 and cells["9"]["n"] == gd.QUICK_ROWS
     ref = cells["ref"]
     assert ref["realized"] > 0.8 and abs(ref["estimate"] - ref["realized"]) < 0.1
     assert ref["region"] == "reliable" and ref["drift"] == "ok"
-    # The aged sensors of batches 3 and 9 move every input: drift is flagged.
-    for phase in ("3", "9"):
-        assert cells[phase]["drift"] == "drift" and cells[phase]["features_drifting"] > 100
+    # The sensors aged for three years by batch 9: every input moved, drift is flagged and accuracy fell.
+    aged = cells["9"]
+    assert aged["drift"] == "drift" and aged["features_drifting"] > 100 and aged["region"] == "unreliable"
+    assert aged["realized"] < ref["realized"] - 0.1 and not aged["healthy"]
     assert isinstance(result["target_within_8_points"], bool)
