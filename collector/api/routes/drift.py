@@ -48,6 +48,9 @@ class TestResultOut(_Out):
     n_reference: int
     n_current: int
     q_value: float | None = Field(None, description="Benjamini-Hochberg adjusted p-value within the family")
+    effect: float | None = Field(
+        None, description="effect size the verdict also needed, where the test has a floor (class mix: total variation)"
+    )
 
 
 class FeatureDriftOut(_Out):
