@@ -130,6 +130,55 @@ class Settings(BaseSettings):
         "no bundle is loaded.",
     )
     monitoring_window_s: float = Field(900.0, ge=1, description="Length of a monitoring window in seconds.")
+    monitoring_fdr_q: float = Field(
+        0.05,
+        gt=0,
+        lt=1,
+        description="False discovery rate of the drift tests (Benjamini-Hochberg over features, model signals and, "
+        "per device, devices).",
+    )
+    monitoring_min_records: int = Field(
+        100,
+        ge=2,
+        description="Fewest records a drift test or data-quality rate is computed on; below it the answer is "
+        "not_enough_data.",
+    )
+    monitoring_accuracy_level: float = Field(
+        0.95, gt=0, lt=1, description="Coverage of the expected-accuracy (Poisson-binomial) and realized intervals."
+    )
+    monitoring_region_alpha: float = Field(
+        0.01,
+        gt=0,
+        lt=1,
+        description="Level of the in-reference-region test that marks the expected accuracy unreliable.",
+    )
+    monitoring_max_missing_rate: float = Field(
+        0.05, ge=0, le=1, description="Share of missing (NaN) values of a feature above which data quality is bad."
+    )
+    monitoring_max_out_of_range_rate: float = Field(
+        0.01,
+        ge=0,
+        le=1,
+        description="Share of a feature's values outside the hardware profile's range above which data quality is bad.",
+    )
+    monitoring_max_flagged_rate: float = Field(
+        0.05, ge=0, le=1, description="Share of records with any sensor flag set above which data quality is bad."
+    )
+    monitoring_max_seq_gap_rate: float = Field(
+        0.01, ge=0, le=1, description="Share of seqs missing between received records above which data quality is bad."
+    )
+    monitoring_max_clock_skew_s: float = Field(
+        30.0,
+        gt=0,
+        description="Largest distance (s) between a device's wall clock and the collector's estimate before "
+        "data quality is bad.",
+    )
+    monitoring_max_delivery_delay_s: float = Field(
+        900.0,
+        gt=0,
+        description="Mean delay (s) from a record's time to its arrival above which data quality is bad (records "
+        "later than a window reach its status after it was evaluated).",
+    )
     alert_jobs_enabled: bool = Field(
         True,
         description="Run the background jobs in the collector process: alert evaluation after each monitoring "
@@ -202,55 +251,6 @@ class Settings(BaseSettings):
             raise ValueError(f"webhook URLs must start with http:// or https://: {bad}")
         return value
 
-    monitoring_fdr_q: float = Field(
-        0.05,
-        gt=0,
-        lt=1,
-        description="False discovery rate of the drift tests (Benjamini-Hochberg over features, model signals and, "
-        "per device, devices).",
-    )
-    monitoring_min_records: int = Field(
-        100,
-        ge=2,
-        description="Fewest records a drift test or data-quality rate is computed on; below it the answer is "
-        "not_enough_data.",
-    )
-    monitoring_accuracy_level: float = Field(
-        0.95, gt=0, lt=1, description="Coverage of the expected-accuracy (Poisson-binomial) and realized intervals."
-    )
-    monitoring_region_alpha: float = Field(
-        0.01,
-        gt=0,
-        lt=1,
-        description="Level of the in-reference-region test that marks the expected accuracy unreliable.",
-    )
-    monitoring_max_missing_rate: float = Field(
-        0.05, ge=0, le=1, description="Share of missing (NaN) values of a feature above which data quality is bad."
-    )
-    monitoring_max_out_of_range_rate: float = Field(
-        0.01,
-        ge=0,
-        le=1,
-        description="Share of a feature's values outside the hardware profile's range above which data quality is bad.",
-    )
-    monitoring_max_flagged_rate: float = Field(
-        0.05, ge=0, le=1, description="Share of records with any sensor flag set above which data quality is bad."
-    )
-    monitoring_max_seq_gap_rate: float = Field(
-        0.01, ge=0, le=1, description="Share of seqs missing between received records above which data quality is bad."
-    )
-    monitoring_max_clock_skew_s: float = Field(
-        30.0,
-        gt=0,
-        description="Largest distance (s) between a device's wall clock and the collector's estimate before "
-        "data quality is bad.",
-    )
-    monitoring_max_delivery_delay_s: float = Field(
-        900.0,
-        gt=0,
-        description="Mean delay (s) from a record's time to its arrival above which data quality is bad (records "
-        "later than a window reach its status after it was evaluated).",
-    )
     monitoring_profiles: list[Path] | None = Field(
         None,
         description="Hardware profile YAML files, or folders of them, that ingest checks feature values against "
