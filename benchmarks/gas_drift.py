@@ -353,6 +353,8 @@ class Cell:
     interval_method: str
     region: str
     region_reason: str | None
+    marked_reliable: bool
+    unreliable_reasons: list[str]
     pca_rate: float | None
     coact_rate: float | None
     drift: str
@@ -376,8 +378,8 @@ class Cell:
 
     @property
     def reliable(self) -> bool:
-        """The estimate is marked reliable (inside the reference region)."""
-        return self.region == "reliable"
+        """The estimate is marked reliable (inside the reference region, inputs not drifted wholesale)."""
+        return self.marked_reliable
 
     @property
     def error(self) -> float:
@@ -398,9 +400,9 @@ def evaluate_phase(seed: int, phase: str, sketches: list[Any], entry: Any) -> Ce
 
     thr = StatusThresholds()
     s = merge_all(sketches)
-    status = accuracy_status(entry, s, thr)
-    est, region, real = status.expected, status.region, status.realized
     report = evaluate_windows(entry.reference, window_counts(entry, s), thr.drift)
+    status = accuracy_status(entry, s, thr, drift=report)
+    est, region, real = status.expected, status.region, status.realized
     # n > 0 and every record labelled: checked by the caller.
     assert est.estimate is not None and real is not None and real.estimate is not None
     return Cell(
@@ -417,6 +419,8 @@ def evaluate_phase(seed: int, phase: str, sketches: list[Any], entry: Any) -> Ce
         interval_method=est.method,
         region=region.verdict,
         region_reason=region.reason,
+        marked_reliable=status.reliable,
+        unreliable_reasons=list(status.unreliable_reasons),
         pca_rate=region.pca_rate,
         coact_rate=region.coact_rate,
         drift=report.verdict,

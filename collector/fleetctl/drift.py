@@ -58,12 +58,12 @@ def _accuracy_lines(acc: dict[str, Any]) -> list[str]:
             f"({level}, {exp['method']}, {exp['n']} records)"
         )
     region = acc["region"]
-    if region["verdict"] == "reliable":
-        line += ": reliable (inputs within the reference region)"
-    elif region["verdict"] == "unreliable":
-        line += f": UNRELIABLE ({region['reason']})"
-    else:
+    if region["verdict"] == "not_enough_data":
         line += ": reliability not known (not enough data)"
+    elif acc["reliable"]:
+        line += ": reliable (inputs within the reference region)"
+    else:
+        line += f": UNRELIABLE ({'; '.join(acc.get('unreliable_reasons') or [region['reason']])})"
     lines = [line]
     real = acc.get("realized")
     if real:

@@ -219,6 +219,8 @@ class AccuracyStatus:
     realized: performance.AccuracyEstimate | None
     realized_source: str | None
     gap: performance.AccuracyGap | None = None
+    unreliable_reasons: list[str] = field(default_factory=list)
+    """Why ``reliable`` is false: the region test's reason, or wholesale input drift."""
 
 
 @dataclass(frozen=True)
@@ -326,9 +328,22 @@ def window_counts(entry: CatalogEntry, sketch: WindowSketch) -> WindowCounts:
 
 
 def accuracy_status(
-    entry: CatalogEntry, sketch: WindowSketch, thr: StatusThresholds, labels: performance.GapStats | None = None
+    entry: CatalogEntry,
+    sketch: WindowSketch,
+    thr: StatusThresholds,
+    labels: performance.GapStats | None = None,
+    drift: DriftReport | None = None,
 ) -> AccuracyStatus:
-    """Expected accuracy (normal method on the merged sums), its region reliability, and realized accuracy.
+    """Expected accuracy (normal method on the merged sums), its reliability, and realized accuracy.
+
+    The estimate is reliable when the window lies in the region the calibration was fitted on
+    (PCA reconstruction error and rare co-activations, :func:`performance.region_reliability`) and,
+    given the window's ``drift`` report, the inputs have not drifted wholesale (the share of drifting
+    features below ``drift_share``). The second condition is needed because a sensor that ages can
+    move one class's inputs to where another class used to be: every input-space measure of the
+    region then stays normal while the calibration no longer holds (measured on the UCI gas sensor
+    drift data, docs/MONITORING.md). It costs the estimate its use under broad covariate shift, where
+    it would be the only signal; the drift verdict then speaks instead.
 
     ``labels`` (late and inline labels of the scope, :func:`collector.labels.label_stats`) give the
     realized accuracy and its gap to the estimate on the same records; without them, the labels
@@ -362,7 +377,15 @@ def accuracy_status(
             min_n=thr.accuracy_min_records,
         )
         source = "inline_labels"
-    return AccuracyStatus(expected, region, region.reliable, realized, source, gap)
+    reasons = [region.reason] if region.verdict == "unreliable" and region.reason else []
+    if region.verdict == "not_enough_data":
+        reasons.append(region.reason or "not enough data for the region test")
+    if drift is not None and drift.n_tested and drift.drift_share >= drift.thresholds.drift_share:
+        reasons.append(
+            f"inputs drifted wholesale: {drift.n_drifting} of {drift.n_tested} features drift "
+            f"(share {drift.drift_share:.2f} >= {drift.thresholds.drift_share})"
+        )
+    return AccuracyStatus(expected, region, region.reliable and not reasons, realized, source, gap, reasons)
 
 
 def _rate(count: float, n: float) -> float | None:
@@ -509,11 +532,11 @@ def _model_status(
     labels: performance.GapStats | None = None,
 ) -> ModelStatus:
     sketch = group.sketch(entry)
-    accuracy = accuracy_status(entry, sketch, thr, labels)
+    accuracy = accuracy_status(entry, sketch, thr, labels, report)
     quality = data_quality(entry, sketch, thr.quality)
     warnings: list[str] = []
-    if accuracy.region.verdict == "unreliable":
-        warnings.append(f"expected accuracy unreliable: {accuracy.region.reason}")
+    if accuracy.region.verdict != "not_enough_data" and not accuracy.reliable:
+        warnings.append(f"expected accuracy unreliable: {'; '.join(accuracy.unreliable_reasons)}")
     warnings.extend(f"data quality: {p}" for p in quality.problems)
     if group.unreadable:
         warnings.append(f"{group.unreadable} stored window(s) could not be read and were left out")

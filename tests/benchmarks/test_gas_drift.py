@@ -32,6 +32,8 @@ def _cell(phase: str, realized: float, estimate: float, *, region: str = "reliab
         interval_method="normal",
         region=region,
         region_reason=None,
+        marked_reliable=region == "reliable",
+        unreliable_reasons=[] if region == "reliable" else ["region"],
         pca_rate=None,
         coact_rate=None,
         drift=drift,

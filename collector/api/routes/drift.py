@@ -133,6 +133,9 @@ class AccuracyOut(_Out):
     realized: AccuracyEstimateOut | None
     realized_source: str | None = Field(description="inline_labels (labels sent with the records) or labels")
     gap: GapOut | None
+    unreliable_reasons: list[str] = Field(
+        default_factory=list, description="why reliable is false: the region test's reason, or wholesale input drift"
+    )
 
 
 class QualityCheckOut(_Out):

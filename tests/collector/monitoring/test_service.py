@@ -432,3 +432,29 @@ def test_realized_accuracy_and_gap_from_late_and_inline_labels(service: Monitori
     assert a2 is not None and a2.accuracy is not None and a2.accuracy.realized_source == "inline_labels"
     assert a2.accuracy.realized is not None and a2.accuracy.realized.n == 300
     assert a1 is not None and a1.accuracy is not None and a1.accuracy.realized is None
+
+
+def test_wholesale_input_drift_makes_an_in_region_estimate_unreliable(service: MonitoringService) -> None:
+    # A sensor that ages can move one class's inputs to where another class was: the region test passes
+    # while most features drift (the gas-sensor experiment). The estimate is then not to be trusted.
+    from collector.db.models import MonitoringWindow
+    from collector.monitoring.service import StatusThresholds, accuracy_status
+    from collector.monitoring.sketches import WindowSketch, merge_all
+
+    status = service.status(Scope(group="a"))
+    m = status.model("cabin-events", "1.0.0")
+    assert m is not None and m.drift is not None and m.accuracy is not None and m.accuracy.reliable
+    entry = service.catalog.get("cabin-events", "1.0.0")
+    assert entry is not None
+    with Session(service.engine) as s:
+        rows = s.exec(
+            sa.select(MonitoringWindow.sketch).where(MonitoringWindow.device_id.in_(status.devices))  # type: ignore[attr-defined]
+        ).all()
+    sketch = merge_all([WindowSketch.from_bytes(r[0]) for r in rows])
+    thr = StatusThresholds()
+    same = accuracy_status(entry, sketch, thr, drift=m.drift)
+    assert same.reliable and same.unreliable_reasons == []
+    wholesale = dataclasses.replace(m.drift, n_drifting=30, drift_share=0.75)
+    moved = accuracy_status(entry, sketch, thr, drift=wholesale)
+    assert moved.region.verdict == "reliable" and not moved.reliable
+    assert moved.unreliable_reasons == ["inputs drifted wholesale: 30 of 40 features drift (share 0.75 >= 0.25)"]
