@@ -140,7 +140,8 @@ class Plan:
     ageing: Ageing | None = field(default_factory=lambda: Ageing(onset_s=12 * 3600.0))
     scenario: str = "training"
     seed: int = 0
-    batch_s: float = 60.0
+    batch_s: float = 300.0
+    """A vehicle sends a batch this often (the agent's ``uplink.batch_max_age_s``, which allows up to an hour)."""
     start_ts: float = START_TS
 
     def __post_init__(self) -> None:
@@ -663,12 +664,16 @@ def run(plan: Plan, database_url: str, *, workers: int = 2, diagnosis: bool = Fa
         evaluate_s = 0.0
         windows = 0
         uplink.online(plan.start_ts)
-        ticks = math.ceil(plan.duration_s / plan.batch_s)
-        # One tick past the end plus the grace, so that the last window is evaluated too.
-        extra = math.ceil((settings.alert_grace_s + LINK_DELAY_S) / plan.batch_s) + 1
-        for k in range(1, ticks + extra + 1):
-            now = plan.start_ts + k * plan.batch_s
-            uplink.send(min(now, plan.start_ts + plan.duration_s))
+        end = plan.start_ts + plan.duration_s
+        sends = [plan.start_ts + k * plan.batch_s for k in range(1, math.ceil(plan.duration_s / plan.batch_s) + 1)]
+        # The scheduler's job runs right after each window's close plus the grace (and the last window closes too).
+        grace = settings.alert_grace_s + LINK_DELAY_S
+        closes = [
+            plan.start_ts + j * plan.window_s + grace for j in range(1, math.ceil(plan.duration_s / plan.window_s) + 1)
+        ]
+        for now in sorted({*sends, *closes}):
+            if now in sends:
+                uplink.send(min(now, end))
             t1 = time.perf_counter()
             summary = alerts.evaluate(now)
             windows += len(summary.windows)
@@ -929,7 +934,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--hours", type=float, default=24.0, help="simulated hours (default 24)")
     p.add_argument("--rate", type=float, default=0.125, help="inferences per second per vehicle (default 0.125)")
     p.add_argument("--window-s", type=float, default=900.0, help="monitoring window (default 900 s)")
-    p.add_argument("--batch-s", type=float, default=60.0, help="a vehicle sends a batch this often (default 60 s)")
+    p.add_argument("--batch-s", type=float, default=300.0, help="a vehicle sends a batch this often (default 300 s)")
     p.add_argument("--onset-h", type=float, default=12.0, help="ageing onset, hours after the start (default 12)")
     p.add_argument("--acceleration", type=float, default=30.0, help="ageing time lapse (default 30)")
     p.add_argument("--no-drift", action="store_true", help="no ageing group: stationary traffic only")
