@@ -39,6 +39,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="seed of the split, initialisation and shuffling")
     parser.add_argument("--dataset-version", default=None, help="recorded in the manifest (default: file name@hash)")
     parser.add_argument("--parent-version", default=None, help="version this model replaces, for lineage")
+    parser.add_argument(
+        "--reference-csv",
+        type=Path,
+        default=None,
+        help="records of drives/vehicles independent of the training data: the monitoring reference is built on them",
+    )
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.set_defaults(func=run)
     return parser
@@ -81,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
             seed=args.seed,
             dataset_version=args.dataset_version,
             parent_version=args.parent_version,
+            reference_csv=args.reference_csv,
         )
     except TrainingError as exc:
         log.error("training failed: %s", exc)

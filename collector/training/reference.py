@@ -343,6 +343,15 @@ class ReferenceInputs:
     hidden_held_out: np.ndarray
     confidence_held_out: np.ndarray
     """calibrated top-class confidence on the held-out inputs"""
+    pred_held_out: np.ndarray | None = None
+    """predicted class indexes on the held-out inputs (None: the training labels' shares are the priors)"""
+    x_reference: np.ndarray | None = None
+    """inputs of independent deployment-like records (other drives, other vehicles), physical units; when
+    given, the input histograms, model-score distributions and class priors describe these instead"""
+    z_reference: np.ndarray | None = None
+    hidden_reference: np.ndarray | None = None
+    confidence_reference: np.ndarray | None = None
+    pred_reference: np.ndarray | None = None
 
 
 def build_reference_profile(
@@ -356,22 +365,44 @@ def build_reference_profile(
 ) -> ReferenceProfile:
     """The manifest's reference profile.
 
-    Input statistics, class priors, activation frequencies, the rare-pair mask and the PCA basis
-    describe the training records. The distributions of per-record *scores* of the model (calibrated
-    confidence, rare co-activation count, reconstruction error) are taken on held-out records,
-    because a model scores the records it was fitted on better than any new ones, and monitoring
-    compares live, unseen records against these distributions.
+    Activation frequencies, the rare-pair mask and the PCA basis describe the training records. The
+    distributions of per-record *scores* of the model (calibrated confidence, rare co-activation
+    count, reconstruction error) and the class priors (the predicted-class mix) are taken on
+    held-out records, because a model scores the records it was fitted on better than any new ones,
+    and monitoring compares live, unseen records against these distributions. Input histograms
+    describe the training records.
+
+    With ``x_reference`` (records of independent drives or vehicles), input histograms, score
+    distributions and priors describe those instead. A random held-out split of one recording is not
+    independent of its training split when the signals are autocorrelated (neighbouring records are
+    near-copies), and one recording holds one realisation of every slow process (a start-up
+    transient, one pressure trajectory): a fleet compared with it drifts on every device. The
+    alarm-storm experiment in docs/MONITORING.md measured both.
     """
+    ref = data.x_reference is not None
+    if ref and any(
+        v is None for v in (data.z_reference, data.hidden_reference, data.confidence_reference, data.pred_reference)
+    ):
+        raise ValueError("x_reference needs z_reference, hidden_reference, confidence_reference and pred_reference")
+    x_live = data.x_reference if ref else data.x_train
+    z_scores = data.z_reference if ref else data.z_held_out
+    hidden_scores = data.hidden_reference if ref else data.hidden_held_out
+    conf_scores = data.confidence_reference if ref else data.confidence_held_out
+    pred_scores = data.pred_reference if ref else data.pred_held_out
+    assert x_live is not None and z_scores is not None and hidden_scores is not None and conf_scores is not None
     coactivation, _ = coactivation_reference(
-        active_units(data.hidden_train), active_units(data.hidden_held_out), rare_threshold, bins
+        active_units(data.hidden_train), active_units(hidden_scores), rare_threshold, bins
     )
-    conf = np.asarray(data.confidence_held_out, dtype=np.float64)
+    conf = np.asarray(conf_scores, dtype=np.float64)
+    # Monitoring compares the PREDICTED classes of live records with these priors, so they are the
+    # model's predicted mix on unseen records (its confusion alone moves it off the label mix).
+    priors = class_priors(data.y_train if pred_scores is None else pred_scores, n_classes)
     return ReferenceProfile(
-        n_samples=int(data.x_train.shape[0]),
-        features=feature_references(data.x_train, feature_names, bins),
-        class_priors=class_priors(data.y_train, n_classes),
+        n_samples=int(x_live.shape[0]),
+        features=feature_references(x_live, feature_names, bins),
+        class_priors=priors,
         confidence_histogram=histogram(conf, quantile_edges(conf, bins, lower=0.0, upper=1.0)),
         activation_frequency=activation_frequency(active_units(data.hidden_train)).tolist(),
         coactivation=coactivation,
-        pca=pca_reference(data.z_train, data.z_held_out, pca_variance, bins),
+        pca=pca_reference(data.z_train, z_scores, pca_variance, bins),
     )

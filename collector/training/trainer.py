@@ -205,8 +205,15 @@ def train_bundle(
     dataset_version: str | None = None,
     parent_version: str | None = None,
     description: str | None = None,
+    reference_csv: Path | None = None,
 ) -> TrainResult:
-    """Train, convert, sign and verify a bundle from a labelled CSV (see the module docstring)."""
+    """Train, convert, sign and verify a bundle from a labelled CSV (see the module docstring).
+
+    ``reference_csv`` (the same feature columns; its label column, if any, is not used) holds records
+    of drives or vehicles independent of the training data: the monitoring reference (input
+    histograms, score distributions, predicted-class priors) is then computed on them
+    (:func:`collector.training.reference.build_reference_profile`).
+    """
     started = time.perf_counter()
     _check_field("name", name)
     _check_field("version", version)
@@ -248,15 +255,34 @@ def train_bundle(
     calibrated = calibrate(probs, temperature)
     metrics = _metrics(table, probs, calibrated, train, val, test, temperature, epochs_run)
 
+    held_out = np.concatenate([val, test])
+    ref_inputs: dict[str, np.ndarray] = {}
+    if reference_csv is not None:
+        ref_table = load_labelled_csv(
+            Path(reference_csv), label_column=label_column, feature_columns=list(table.feature_names)
+        )
+        z_ref = normalise(ref_table.x, mean, std)
+        ref_probs, ref_hidden = _predict(model, z_ref)
+        ref_calibrated = calibrate(ref_probs, temperature)
+        ref_inputs = {
+            "x_reference": ref_table.x,
+            "z_reference": z_ref,
+            "hidden_reference": ref_hidden,
+            "confidence_reference": ref_calibrated.max(axis=1),
+            "pred_reference": ref_calibrated.argmax(axis=1),
+        }
+        log.info("monitoring reference from %s: %d rows", reference_csv, ref_table.x.shape[0])
     reference = build_reference_profile(
         ReferenceInputs(
             x_train=table.x[train],
             z_train=z[train],
             y_train=table.y[train],
             hidden_train=hidden[train],
-            z_held_out=z[np.concatenate([val, test])],
-            hidden_held_out=hidden[np.concatenate([val, test])],
-            confidence_held_out=calibrated[np.concatenate([val, test])].max(axis=1),
+            z_held_out=z[held_out],
+            hidden_held_out=hidden[held_out],
+            confidence_held_out=calibrated[held_out].max(axis=1),
+            pred_held_out=calibrated[held_out].argmax(axis=1),
+            **ref_inputs,
         ),
         table.feature_names,
         nc,

@@ -471,3 +471,40 @@ def test_wire_edges_bin_a_value_alike_as_float64_float32_and_float16(values: np.
     ties = (grid[:-1] + grid[1:]) / 2
     tie_edges = wire_edges(np.concatenate([grid, ties]))
     np.testing.assert_array_equal(bin_index(ties, tie_edges), bin_index(as_wire(ties), tie_edges))
+
+
+def test_reference_csv_makes_the_monitoring_reference(gas_csv: Path, tmp_path: Path) -> None:
+    """Independent records (batch 3 of the gas data) become input histograms, score distributions and priors."""
+    pytest.importorskip("tensorflow", reason="the train extra is not installed")
+    from collector.training.trainer import train_bundle
+
+    with gzip.open(GAS, "rt", newline="") as fh:
+        reader = csv.reader(fh)
+        header = next(reader)
+        rows = [row for row in reader if row[0] == "3"]
+    reference = write_csv(tmp_path / "gas_b3.csv.gz", header, rows)
+    result = train_bundle(
+        gas_csv,
+        label_column="gas",
+        feature_columns=GAS_FEATURES,
+        out=tmp_path / "gas.tar",
+        signing_key=DEV_KEY,
+        name="gas-test",
+        version="0.0.2",
+        epochs=4,
+        seed=0,
+        reference_csv=reference,
+    )
+    manifest = load_bundle(result.bundle_path, load_public_keys([DEV_PUB])).manifest
+    ref = manifest.reference
+    assert ref.n_samples == len(rows)
+    first = ref.features[0]
+    assert sum(first.histogram.counts) == len(rows)
+    values = np.array([float(r[header.index(first.name)]) for r in rows])
+    assert first.mean == pytest.approx(float(values.mean()))
+    assert sum(ref.coactivation.count_histogram.counts) == len(rows)
+    assert sum(ref.pca.error_histogram.counts) == len(rows)
+    assert sum(ref.confidence_histogram.counts) == len(rows)
+    # Priors are the model's predicted mix on those records: shares of whole records.
+    assert sum(ref.class_priors) == pytest.approx(1.0)
+    assert all(round(p * len(rows), 6) == round(p * len(rows)) for p in ref.class_priors)
