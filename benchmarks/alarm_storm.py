@@ -593,6 +593,61 @@ def diagnose(db: DbEngine, entry: CatalogEntry, plan: Plan, vehicles: Sequence[V
     return out
 
 
+# ------------------------------------------------------------------------------------ an independent reference
+
+
+def independent_reference_bundle(plan: Plan, vehicles: int, hours: float, workdir: Path, *, workers: int) -> Path:
+    """The committed model retrained as shipped, with its monitoring reference taken on independent drives.
+
+    ``vehicles`` simulated vehicles of the plan's scenario, with seeds and loop phases none of the
+    fleet's vehicles has, drive ``hours`` each at the fleet's rate; their records (the features the
+    agent computes, as CSV) are the trainer's ``--reference-csv``. The model is trained on the
+    committed training CSV with the committed seed, so it is the committed model (the trainer is
+    deterministic); only the monitoring reference changes. Signed with the development key.
+    """
+    from collector.training.regenerate import DATASET, DEV_KEY, TRAIN_SEED
+    from collector.training.trainer import train_bundle
+    from edge_agent.dataset import write_rows
+
+    ref_plan = Plan(
+        devices=vehicles,
+        group_size=0,
+        ageing=None,
+        hours=hours,
+        rate_hz=plan.rate_hz,
+        scenario=plan.scenario,
+        seed=plan.seed + 1_000_003,
+        batch_s=plan.batch_s,
+        window_s=plan.window_s,
+    )
+    traffic = simulate_fleet(ref_plan, workers)
+    csv = workdir / "independent-drives.csv"
+    with csv.open("w", encoding="utf-8", newline="") as out:
+        write_rows(out, ((f, label) for tr in traffic for f, label in zip(tr.features, tr.truth, strict=True)))
+    manifest = load_bundle(BUNDLE, load_public_keys([TRUSTED_KEY])).manifest
+    out_path = workdir / "cabin-independent-reference.tar"
+    train_bundle(
+        DATASET,
+        label_column="label",
+        out=out_path,
+        signing_key=DEV_KEY,
+        name=manifest.name,
+        version=manifest.version,
+        seed=TRAIN_SEED,
+        dataset_version=manifest.training.dataset_version,
+        description=f"{manifest.description} (monitoring reference: {vehicles} independent simulated drives)",
+        reference_csv=csv,
+    )
+    log.info(
+        "independent reference: %d vehicles x %g h (%d records) -> %s",
+        vehicles,
+        hours,
+        sum(len(t.ts) for t in traffic),
+        out_path,
+    )
+    return out_path
+
+
 # ------------------------------------------------------------------------------------ the run
 
 
@@ -613,15 +668,27 @@ class Outcome:
     diagnosis: dict[str, Any] | None = None
 
 
-def run(plan: Plan, database_url: str, *, workers: int = 2, diagnosis: bool = False) -> Outcome:
-    """Simulate the fleet, replay it through ingest and the alert engine in simulated time; return what happened."""
+def run(
+    plan: Plan,
+    database_url: str,
+    *,
+    workers: int = 2,
+    diagnosis: bool = False,
+    bundle_path: Path = BUNDLE,
+    trusted_key: Path = TRUSTED_KEY,
+) -> Outcome:
+    """Simulate the fleet, replay it through ingest and the alert engine in simulated time; return what happened.
+
+    ``bundle_path`` is the model every vehicle runs and the collector's monitoring reference (the
+    committed cabin bundle by default; see :func:`independent_reference_bundle`).
+    """
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
     traffic = simulate_fleet(plan, workers)
     seconds["simulate"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    bundle = load_bundle(BUNDLE, load_public_keys([TRUSTED_KEY]))
+    bundle = load_bundle(bundle_path, load_public_keys([trusted_key]))
     engine = Engine(bundle, seed=plan.seed)  # the agent's engine: golden self-test, calibration, co-activations
     vehicles = []
     truth: Counter[str] = Counter()
@@ -647,8 +714,8 @@ def run(plan: Plan, database_url: str, *, workers: int = 2, diagnosis: bool = Fa
     upgrade(database_url)
     settings = Settings(
         database_url=database_url,
-        monitoring_bundles=[BUNDLE],
-        monitoring_trusted_keys=[TRUSTED_KEY],
+        monitoring_bundles=[bundle_path],
+        monitoring_trusted_keys=[trusted_key],
         monitoring_window_s=plan.window_s,
         alert_jobs_enabled=False,
         # Every group is alerted on as a whole: the ageing one and the stationary ones (false alerts count too).
@@ -941,6 +1008,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--scenario", default="training", help="scenario of every vehicle (default training)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=2, help="processes simulating vehicles (default 2)")
+    p.add_argument(
+        "--reference-vehicles",
+        type=int,
+        default=0,
+        help="retrain the committed model with its monitoring reference on this many independent simulated "
+        "vehicles (0: the committed bundle as shipped)",
+    )
+    p.add_argument("--reference-hours", type=float, default=6.0, help="hours each reference vehicle drives")
     p.add_argument("--no-diagnosis", action="store_true", help="skip the diagnosis (why windows are flagged)")
     p.add_argument("--postgres", action="store_true", help="a fresh PostgreSQL database instead of SQLite")
     args = p.parse_args(argv)
@@ -957,14 +1032,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         batch_s=args.batch_s,
     )
     started = time.perf_counter()
-    if args.postgres:
-        with temporary_database("alarm_storm") as url:
-            outcome = run(plan, url, workers=args.workers, diagnosis=not args.no_diagnosis)
-    else:
-        with tempfile.TemporaryDirectory(prefix="alarm-storm-") as tmp:
-            outcome = run(plan, f"sqlite:///{tmp}/fleet.db", workers=args.workers, diagnosis=not args.no_diagnosis)
+    with tempfile.TemporaryDirectory(prefix="alarm-storm-") as tmp:
+        bundle_path, reference = BUNDLE, "committed"
+        if args.reference_vehicles > 0:
+            bundle_path = independent_reference_bundle(
+                plan, args.reference_vehicles, args.reference_hours, Path(tmp), workers=args.workers
+            )
+            reference = f"independent drives: {args.reference_vehicles} vehicles x {args.reference_hours:g} h"
+        options: dict[str, Any] = {
+            "workers": args.workers,
+            "diagnosis": not args.no_diagnosis,
+            "bundle_path": bundle_path,
+        }
+        if args.postgres:
+            with temporary_database("alarm_storm") as url:
+                outcome = run(plan, url, **options)
+        else:
+            outcome = run(plan, f"sqlite:///{tmp}/fleet.db", **options)
     result = summarise(outcome)
     result["database"] = "postgresql" if args.postgres else "sqlite"
+    result["reference"] = reference
     result["seconds"]["total"] = round(time.perf_counter() - started, 1)
     result["machine"] = machine()
     print(report(result))
