@@ -43,6 +43,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import subprocess
 import tempfile
 import time
 from collections import Counter
@@ -993,6 +994,20 @@ def report(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _commit() -> str:
+    """The checkout's commit (with ``+dirty`` when tracked files differ from it), for the record."""
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "-uno"], cwd=REPO, capture_output=True, text=True, check=True
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark (full scale by default) and print its figures and the JSON line."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
@@ -1052,6 +1067,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = summarise(outcome)
     result["database"] = "postgresql" if args.postgres else "sqlite"
     result["reference"] = reference
+    result["commit"] = _commit()
     result["seconds"]["total"] = round(time.perf_counter() - started, 1)
     result["machine"] = machine()
     print(report(result))
