@@ -20,8 +20,15 @@ in simulated time, in one process, through the same code a deployed fleet goes t
    and writes it with the ingest's own transaction (records, per-window sketches, data quality,
    sequential detectors), groups of up to ``ingest_max_batch_messages`` messages per transaction as
    the live service does. Vehicle clocks are synced; a batch arrives 50 ms after it was sent.
-4. **Alerts.** At every window close (simulated ``now``) the alert engine evaluates, exactly as its
-   scheduled job does, and every alert it opens is counted.
+4. **Alerts.** At every window close plus ``alert_grace_s`` (simulated ``now``) the alert engine
+   evaluates, as its scheduled job does, with ``alert_groups`` naming every group: the ageing one and
+   stationary groups of the same size (so group-scope false alerts count too). Every alert it opens is
+   counted (:func:`summarise` says how).
+5. **Diagnosis** (``--no-diagnosis`` skips it): the drift tests again on every stored window against the
+   committed reference and a representative one, and with effective sample sizes (:func:`diagnose`).
+
+``--reference-vehicles`` runs the whole day with the committed model retrained with its monitoring
+reference on independent simulated drives (:func:`independent_reference_bundle`).
 
 What "stationary" means here: every vehicle runs the scenario the reference was built from
 (``training``: normal driving with vaping, smoking, knocks and open windows in the reference's
@@ -34,8 +41,10 @@ alarm, so it is not the null case (``--scenario default`` runs it anyway).
 The drifting group: ``--group-size`` vehicles tagged ``group:ageing`` whose sensors start ageing at
 ``--onset-h`` (a window boundary by default): the simulator's :class:`AgeingSegment` (gas sensor
 baseline falling, temperature reading creeping up, microphone losing sensitivity), time-lapsed by
-``--acceleration``. The delay is counted from the onset to the simulated ``now`` of the evaluation
-that first opened an alert on an ageing vehicle or on the group, in windows.
+``--acceleration``. The delay is counted from the onset to the end of the window whose evaluation
+first opened an alert on an ageing vehicle or on the group, in windows.
+
+Results and what they mean: docs/MONITORING.md, "Experiment: no alarm storm, and ageing drift caught".
 """
 
 from __future__ import annotations
