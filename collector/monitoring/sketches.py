@@ -178,8 +178,10 @@ class ReferenceBins:
         if vary is None:
             # Should vary: no value held 1/bins of the training records (the quantile edges kept the full
             # count), and float16, the usual wire form, resolves a tenth of the feature's spread.
-            scale = np.array([abs(f.mean) + f.std for f in ref.features], dtype=np.float16)
-            quantum = np.spacing(np.abs(scale)).astype(np.float64)
+            # Beyond float16's range the scale is inf and the quantum nan: such a feature is not "should vary".
+            with np.errstate(over="ignore", invalid="ignore"):
+                scale = np.array([abs(f.mean) + f.std for f in ref.features], dtype=np.float16)
+                quantum = np.spacing(np.abs(scale)).astype(np.float64)
             spread = np.array([f.std for f in ref.features], dtype=np.float64)
             vary_mask = (nbins == width) & (quantum <= FLOAT16_QUANTUM_SHARE * spread)
         else:
