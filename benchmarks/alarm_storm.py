@@ -50,6 +50,7 @@ Results and what they mean: docs/MONITORING.md, "Experiment: no alarm storm, and
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import math
 import subprocess
@@ -92,7 +93,14 @@ from collector.monitoring.sketches import WindowSketch
 from collector.monitoring.windows import WINDOW_TABLE
 from collector.mqtt import InboundMessage
 from edge_agent.inference import Engine, InferenceColumns
-from edge_agent.sensors.simulated import AgeingSegment, Scenario, SimulatedCabin, load_scenario, parse_scenario
+from edge_agent.sensors.simulated import (
+    SCENARIO_DIR,
+    AgeingSegment,
+    Scenario,
+    SimulatedCabin,
+    load_scenario,
+    parse_scenario,
+)
 from shared import messages, topics
 from shared.bundle import load_bundle
 from shared.codec import Batch, encode_batch
@@ -110,6 +118,8 @@ LINK_DELAY_S = 0.05  # a batch reaches the collector this long after it was sent
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "edge_agent" / "bundles" / "cabin-v1.tar"
 TRUSTED_KEY = REPO / "edge_agent" / "keys" / "dev-release.pub"
+SIMULATOR_SOURCE = REPO / "edge_agent" / "sensors" / "simulated.py"
+FEATURES_SOURCE = REPO / "shared" / "features.py"
 ALERT_TABLE: Table = Alert.__table__  # type: ignore[attr-defined]
 SEQ_ALARM_TABLE: Table = SequentialAlarm.__table__  # type: ignore[attr-defined]
 
@@ -280,14 +290,78 @@ def _simulate(args: tuple[Plan, int]) -> Traffic:
     return simulate_vehicle(*args)
 
 
-def simulate_fleet(plan: Plan, workers: int) -> list[Traffic]:
-    """Every vehicle's traffic, ``workers`` processes at a time (1: in this process)."""
+def simulate_fleet(plan: Plan, workers: int, cache_dir: Path | None = None) -> list[Traffic]:
+    """Every vehicle's traffic, ``workers`` processes at a time (1: in this process).
+
+    With ``cache_dir`` a vehicle's traffic is read from there when an earlier run simulated it with the
+    same plan and the same simulator, scenario and feature code (the file name holds a digest of all of
+    them), and written there otherwise: the simulation is deterministic, and most of the run's cost.
+    """
     jobs = [(plan, k) for k in range(plan.vehicles)]
-    if workers <= 1:
-        return [_simulate(job) for job in jobs]
-    # spawn: the children import only the simulator (no TFLite, no database connections to inherit).
-    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
-        return list(pool.map(_simulate, jobs, chunksize=1))
+    cached: dict[int, Traffic] = {}
+    if cache_dir is not None:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        for _, k in jobs:
+            found = _read_traffic(_traffic_path(cache_dir, plan, k), k)
+            if found is not None:
+                cached[k] = found
+        jobs = [job for job in jobs if job[1] not in cached]
+        log.info("traffic cache %s: %d vehicle(s) cached, %d to simulate", cache_dir, len(cached), len(jobs))
+    if workers <= 1 or len(jobs) <= 1:
+        fresh = [_simulate(job) for job in jobs]
+    else:
+        # spawn: the children import only the simulator (no TFLite, no database connections to inherit).
+        with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+            fresh = list(pool.map(_simulate, jobs, chunksize=1))
+    if cache_dir is not None:
+        for tr in fresh:
+            _write_traffic(_traffic_path(cache_dir, plan, tr.number), tr)
+    return sorted([*cached.values(), *fresh], key=lambda t: t.number)
+
+
+def _traffic_path(cache_dir: Path, plan: Plan, number: int) -> Path:
+    """Cache file of vehicle ``number``: named by a digest of the plan and of the code that makes the traffic."""
+    h = hashlib.sha256(repr(plan).encode())
+    for src in (SIMULATOR_SOURCE, FEATURES_SOURCE, SCENARIO_DIR / f"{plan.scenario}.yaml"):
+        if src.exists():
+            h.update(src.read_bytes())
+    return cache_dir / f"traffic-{h.hexdigest()[:16]}-{number:04d}.npz"
+
+
+def _write_traffic(path: Path, tr: Traffic) -> None:
+    labels = sorted(set(tr.truth))
+    code = {lab: i for i, lab in enumerate(labels)}
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("wb") as out:
+        np.savez(
+            out,
+            features=tr.features,
+            flags=tr.flags,
+            ts=tr.ts,
+            truth=np.array([code[t] for t in tr.truth], np.int16),
+            labels=np.array(labels),
+            seconds=np.float64(tr.seconds),
+        )
+    tmp.replace(path)
+
+
+def _read_traffic(path: Path, number: int) -> Traffic | None:
+    if not path.exists():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            labels = [str(x) for x in z["labels"]]
+            return Traffic(
+                number,
+                z["features"],
+                z["flags"],
+                z["ts"],
+                [labels[i] for i in z["truth"]],
+                float(z["seconds"]),
+            )
+    except (OSError, ValueError, KeyError) as exc:
+        log.warning("traffic cache %s unreadable (%s): simulating again", path, exc)
+        return None
 
 
 # ------------------------------------------------------------------------------------ the collector side
@@ -606,7 +680,9 @@ def diagnose(db: DbEngine, entry: CatalogEntry, plan: Plan, vehicles: Sequence[V
 # ------------------------------------------------------------------------------------ an independent reference
 
 
-def independent_reference_bundle(plan: Plan, vehicles: int, hours: float, workdir: Path, *, workers: int) -> Path:
+def independent_reference_bundle(
+    plan: Plan, vehicles: int, hours: float, workdir: Path, *, workers: int, cache_dir: Path | None = None
+) -> Path:
     """The committed model retrained as shipped, with its monitoring reference taken on independent drives.
 
     ``vehicles`` simulated vehicles of the plan's scenario, with seeds and loop phases none of the
@@ -630,7 +706,7 @@ def independent_reference_bundle(plan: Plan, vehicles: int, hours: float, workdi
         batch_s=plan.batch_s,
         window_s=plan.window_s,
     )
-    traffic = simulate_fleet(ref_plan, workers)
+    traffic = simulate_fleet(ref_plan, workers, cache_dir)
     csv = workdir / "independent-drives.csv"
     with csv.open("w", encoding="utf-8", newline="") as out:
         write_rows(out, ((f, label) for tr in traffic for f, label in zip(tr.features, tr.truth, strict=True)))
@@ -686,6 +762,7 @@ def run(
     diagnosis: bool = False,
     bundle_path: Path = BUNDLE,
     trusted_key: Path = TRUSTED_KEY,
+    cache_dir: Path | None = None,
 ) -> Outcome:
     """Simulate the fleet, replay it through ingest and the alert engine in simulated time; return what happened.
 
@@ -694,7 +771,7 @@ def run(
     """
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
-    traffic = simulate_fleet(plan, workers)
+    traffic = simulate_fleet(plan, workers, cache_dir)
     seconds["simulate"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -1040,6 +1117,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "vehicles (0: the committed bundle as shipped)",
     )
     p.add_argument("--reference-hours", type=float, default=6.0, help="hours each reference vehicle drives")
+    p.add_argument(
+        "--cache-dir",
+        type=Path,
+        help="keep each simulated vehicle's traffic here and reuse it when plan and simulator are unchanged",
+    )
     p.add_argument("--no-diagnosis", action="store_true", help="skip the diagnosis (why windows are flagged)")
     p.add_argument("--postgres", action="store_true", help="a fresh PostgreSQL database instead of SQLite")
     args = p.parse_args(argv)
@@ -1060,13 +1142,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         bundle_path, reference = BUNDLE, "committed"
         if args.reference_vehicles > 0:
             bundle_path = independent_reference_bundle(
-                plan, args.reference_vehicles, args.reference_hours, Path(tmp), workers=args.workers
+                plan,
+                args.reference_vehicles,
+                args.reference_hours,
+                Path(tmp),
+                workers=args.workers,
+                cache_dir=args.cache_dir,
             )
             reference = f"independent drives: {args.reference_vehicles} vehicles x {args.reference_hours:g} h"
         options: dict[str, Any] = {
             "workers": args.workers,
             "diagnosis": not args.no_diagnosis,
             "bundle_path": bundle_path,
+            "cache_dir": args.cache_dir,
         }
         if args.postgres:
             with temporary_database("alarm_storm") as url:
