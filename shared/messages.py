@@ -1,7 +1,8 @@
-"""JSON messages on the ``status``, ``events``, ``reported`` and ``ack`` topics."""
+"""JSON messages on the ``status``, ``events``, ``reported``, ``ack`` and ``desired`` topics."""
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -70,3 +71,42 @@ class Ack(_Message):
     gaps: list[tuple[int, int]] = Field(default_factory=list, description="declared gaps recorded")
     quarantined: bool = Field(False, description="the payload was invalid; stored in quarantine, do not resend")
     reason: str | None = None
+
+
+# ----------------------------------------------------------------------------------- desired state
+
+SHA256_PATTERN = r"^[0-9a-f]{64}$"
+
+
+class DesiredArtefact(_Message):
+    """One model bundle a device should run: which, where to fetch it, its size and hash."""
+
+    name: str = Field(min_length=1, max_length=64)
+    version: str = Field(min_length=1, max_length=64)
+    sha256: str = Field(pattern=SHA256_PATTERN, description="SHA-256 of the bundle .tar exactly as served")
+    size: int = Field(gt=0, description="bytes of the bundle .tar")
+    url: str = Field(min_length=1, max_length=2048, description="absolute http(s) URL; Range requests are honoured")
+
+
+class Desired(_Message):
+    """Retained on ``desired``: what the collector wants the device to run, signed by a release key.
+
+    ``serial`` grows with every change of one device's desired state: a device never acts on a serial
+    lower than the last one it accepted (a replayed old message cannot roll it back). ``model`` is the
+    active model; ``None`` means "keep what you run". ``shadow`` is a candidate to run beside the active
+    model on the same inputs (its records carry role ``shadow``), ``None`` stops any shadow. ``signature``
+    is :func:`shared.signing.sign` over :meth:`signed_bytes` (every other field, canonical JSON).
+    """
+
+    serial: int = Field(ge=0)
+    issued_at: float
+    model: DesiredArtefact | None = None
+    shadow: DesiredArtefact | None = None
+    rollout_id: str | None = Field(None, max_length=64)
+    settings: dict[str, Any] = Field(default_factory=dict, description="runtime settings (reserved)")
+    signature: str | None = Field(None, description="signature file JSON (shared.signing) over signed_bytes()")
+
+    def signed_bytes(self) -> bytes:
+        """The bytes the signature covers: every field but ``signature``, as canonical JSON."""
+        doc = self.model_dump(mode="json", exclude={"signature"})
+        return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()

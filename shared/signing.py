@@ -13,10 +13,14 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+if TYPE_CHECKING:
+    from shared.messages import Desired
 
 _PREFIX = "ed25519:"
 
@@ -128,3 +132,15 @@ def verify(data: bytes, signature_file: bytes, trusted: list[PublicKey]) -> str:
         except InvalidSignature:
             continue
     raise SignatureError(f"signature by key {key_id} does not match the manifest")
+
+
+def sign_desired(desired: Desired, key: Ed25519PrivateKey) -> Desired:
+    """``desired`` with its ``signature`` set by ``key`` (over :meth:`Desired.signed_bytes`)."""
+    return desired.model_copy(update={"signature": sign(desired.signed_bytes(), key).decode()})
+
+
+def verify_desired(desired: Desired, trusted: list[PublicKey]) -> str:
+    """Check a ``desired`` message's signature against the pinned keys; return the signer's key id."""
+    if desired.signature is None:
+        raise SignatureError("the desired state is not signed")
+    return verify(desired.signed_bytes(), desired.signature.encode(), trusted)

@@ -51,3 +51,29 @@ def test_profile_validation(tmp_path: Path) -> None:
         load_profile(typo)
     with pytest.raises(ProfileError, match="no hardware profile"):
         find_profile("absent", [tmp_path])
+
+
+def test_desired_state_is_signed_over_every_field_but_the_signature(tmp_path: Path) -> None:
+    from shared.messages import Desired, DesiredArtefact
+    from shared.signing import sign_desired, verify_desired
+
+    pub = generate_private_key(tmp_path / "release.key")
+    generate_private_key(tmp_path / "stranger.key")
+    trusted = [pub]
+    artefact = DesiredArtefact(
+        name="cabin-events", version="1.1.0", sha256="ab" * 32, size=41_000, url="http://c:8000/api/v1/models/x"
+    )
+    desired = Desired(serial=7, issued_at=1_767_225_600.0, model=artefact, rollout_id="r1")
+    with pytest.raises(SignatureError, match="not signed"):
+        verify_desired(desired, trusted)
+    signed = sign_desired(desired, load_private_key(tmp_path / "release.key"))
+    # The wire form round-trips and still verifies.
+    again = Desired.model_validate_json(signed.model_dump_json())
+    assert verify_desired(again, trusted) == pub.key_id
+    # Any field changed after signing breaks it: the serial (a replayed older state), the URL, the shadow.
+    redirected = artefact.model_copy(update={"url": "http://evil/x"})
+    for change in ({"serial": 6}, {"model": redirected}, {"shadow": artefact}):
+        with pytest.raises(SignatureError, match="does not match"):
+            verify_desired(signed.model_copy(update=change), trusted)
+    with pytest.raises(SignatureError, match="not among"):
+        verify_desired(sign_desired(desired, load_private_key(tmp_path / "stranger.key")), trusted)
