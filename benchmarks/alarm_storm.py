@@ -54,6 +54,7 @@ import hashlib
 import logging
 import math
 import subprocess
+import sys
 import tempfile
 import time
 from collections import Counter
@@ -68,6 +69,8 @@ import numpy as np
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine as DbEngine
 from sqlalchemy.sql.schema import Table
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the repository importable
 
 from benchmarks.common import emit, machine, setup_logging, table, temporary_database
 from collector.alerts import AlertEngine
