@@ -90,9 +90,9 @@ from collector.monitoring.drift import (
     stack_counts,
 )
 from collector.monitoring.offline import reference_counts
-from collector.monitoring.offline import window_counts as offline_window_counts
 from collector.monitoring.service import MonitoringService
 from collector.monitoring.sketches import WindowSketch
+from collector.monitoring.sketches import window_counts as offline_window_counts
 from collector.monitoring.windows import WINDOW_TABLE
 from collector.mqtt import InboundMessage
 from edge_agent.inference import Engine, InferenceColumns

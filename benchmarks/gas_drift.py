@@ -395,12 +395,12 @@ def evaluate_phase(seed: int, phase: str, sketches: list[Any], entry: Any) -> Ce
     drift report, with the default thresholds of the pure functions (``StatusThresholds()``).
     """
     from collector.monitoring.drift import evaluate_windows
-    from collector.monitoring.service import StatusThresholds, accuracy_status, window_counts
-    from collector.monitoring.sketches import merge_all
+    from collector.monitoring.service import StatusThresholds, accuracy_status
+    from collector.monitoring.sketches import merge_all, window_counts
 
     thr = StatusThresholds()
     s = merge_all(sketches)
-    report = evaluate_windows(entry.reference, window_counts(entry, s), thr.drift)
+    report = evaluate_windows(entry.reference, window_counts(entry.bins, s), thr.drift)
     status = accuracy_status(entry, s, thr, drift=report)
     est, region, real = status.expected, status.region, status.realized
     # n > 0 and every record labelled: checked by the caller.

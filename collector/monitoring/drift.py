@@ -68,6 +68,7 @@ from typing import Any, Literal
 import numpy as np
 from scipy import stats
 
+from collector.monitoring.dependence import EffectiveSizes, design_effect_of
 from shared.bundle import Histogram, ReferenceProfile
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,7 @@ MIN_CURRENT = 100
 MIN_REFERENCE = 100
 MIN_EXPECTED = 5.0
 STEPHENS_MIN_N = 100
+MIN_EFFECTIVE = 20.0
 
 
 # ------------------------------------------------------------------------------- results
@@ -102,6 +104,8 @@ class TestResult:
     """Benjamini-Hochberg adjusted p-value when the test was decided within a family."""
     effect: float | None = None
     """Effect size the verdict also required, where the test has a floor (class mix: total variation)."""
+    design_effect: float = 1.0
+    """Variance inflation applied for autocorrelated current records (1: treated as independent)."""
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict."""
@@ -300,6 +304,8 @@ def chi_square_class_mix(
     min_current: int = MIN_CURRENT,
     min_expected: float = MIN_EXPECTED,
     min_tvd: float = 0.0,
+    design_effect: float = 1.0,
+    min_effective: float = 0.0,
     name: str = "class_mix",
 ) -> TestResult:
     """Chi-square goodness of fit of predicted-class counts against the reference priors.
@@ -321,10 +327,13 @@ def chi_square_class_mix(
     if (obs < 0).any() or (pri < 0).any() or pri.sum() <= 0:
         raise ValueError("class counts and priors must be non-negative, priors not all zero")
     m = int(obs.sum())
-    if m < min_current:
+    if design_effect < 1.0:
+        raise ValueError(f"design effect must be >= 1, got {design_effect!r}")
+    if m < min_current or m / design_effect < min_effective:
         return _not_enough(name, alpha, 0, m)
     exp = m * pri / pri.sum()
-    small = exp < min_expected
+    # Cochran's rule on the counts the records are worth: dependent records count 1 / deff each.
+    small = exp / design_effect < min_expected
     o, e = list(obs[~small]), list(exp[~small])
     if small.any():
         po, pe = float(obs[small].sum()), float(exp[small].sum())
@@ -335,13 +344,14 @@ def chi_square_class_mix(
             k = int(np.argmin(e))
             o[k] += po
             e[k] += pe
-    if len(o) < 2 or min(e) < min_expected:
+    if len(o) < 2 or min(e) / design_effect < min_expected:
         return _not_enough(name, alpha, 0, m)
-    res = stats.chisquare(np.asarray(o), np.asarray(e))
-    p = float(res.pvalue)
+    # Rao-Scott first-order correction: the Pearson statistic over the design effect.
+    statistic = float(stats.chisquare(np.asarray(o), np.asarray(e)).statistic) / design_effect
+    p = float(stats.chi2.sf(statistic, len(o) - 1))
     tvd = float(0.5 * np.abs(obs / m - pri / pri.sum()).sum())
     verdict: Verdict = "drift" if p < alpha and tvd >= min_tvd else "ok"
-    return TestResult(name, float(res.statistic), p, alpha, verdict, 0, m, effect=tvd)
+    return TestResult(name, statistic, p, alpha, verdict, 0, m, effect=tvd, design_effect=design_effect)
 
 
 # ---------------------------------------------------------------------- score distributions
@@ -380,6 +390,8 @@ def mean_shift_test(
     min_shift: float = 0.02,
     min_current: int = MIN_CURRENT,
     min_reference: int = MIN_REFERENCE,
+    design_effect: float = 1.0,
+    min_effective: float = 0.0,
     name: str = "confidence_shift",
 ) -> TestResult:
     """Welch-style z test of the shift of the mean between two histograms on the same edges.
@@ -391,19 +403,22 @@ def mean_shift_test(
     ``p < alpha`` *and* ``|shift| >= min_shift``: with the large windows of a fleet scope a
     shift of a tenth of a point is significant but not worth an alert. Exact current moments (from
     running sums) are deliberately not mixed in: the bundle keeps only the reference histogram, and
-    the midpoint error cancels only when both sides carry it.
+    the midpoint error cancels only when both sides carry it. ``design_effect`` inflates the current
+    mean's variance for autocorrelated records (:mod:`collector.monitoring.dependence`).
     """
     n, mr, vr = binned_moments(reference_counts, edges)
     m, mc, vc = binned_moments(current_counts, edges)
-    if n < min_reference or m < min_current:
+    if design_effect < 1.0:
+        raise ValueError(f"design effect must be >= 1, got {design_effect!r}")
+    if n < min_reference or m < min_current or m / design_effect < min_effective:
         return _not_enough(name, alpha, n, m)
     shift = mc - mr
-    se = math.sqrt(vc / m + vr / n)
+    se = math.sqrt(vc * design_effect / m + vr / n)
     # Both histograms in one bin: the means differ exactly or not at all.
     p = (1.0 if shift == 0.0 else 0.0) if se == 0.0 else _normal_p(shift / se, alternative)
     directional = {"two-sided": abs(shift), "greater": shift, "less": -shift}[alternative]
     drift = p < alpha and directional >= min_shift
-    return TestResult(name, shift, p, alpha, "drift" if drift else "ok", n, m)
+    return TestResult(name, shift, p, alpha, "drift" if drift else "ok", n, m, design_effect=design_effect)
 
 
 def binned_mann_whitney(
@@ -412,6 +427,7 @@ def binned_mann_whitney(
     *,
     alternative: Alternative = "greater",
     continuity: bool = True,
+    design_effect: np.ndarray | float = 1.0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Mann-Whitney U of current vs reference on binned data: ``(U / (n m), p-value)`` per row.
 
@@ -423,6 +439,11 @@ def binned_mann_whitney(
     current, reference, method="asymptotic")`` on the tied values. ``alternative="greater"``: the
     current values are stochastically larger. Rows without counts or with every value in one bin
     get ``(0.5, 1.0)``.
+
+    ``design_effect`` (per row) accounts for autocorrelated *current* records: the variance of
+    ``U / (n m)`` is ``(1/n + 1/m) / 12`` for independent samples and ``(1/n + deff/m) / 12`` when the
+    current records' mean rank varies ``deff`` times more, so the tie-corrected variance is scaled by
+    ``(m + n deff + 1) / (N + 1)``. With ``deff = 1`` it is scipy's test exactly.
     """
     r, c = _pair(reference_counts, current_counts)
     n, m = r.sum(axis=1), c.sum(axis=1)
@@ -431,8 +452,12 @@ def binned_mann_whitney(
     big_n = n + m
     t = r + c
     ties = (t**3 - t).sum(axis=1)
+    deff = np.broadcast_to(np.asarray(design_effect, dtype=np.float64), n.shape)
+    if (deff < 1.0).any():
+        raise ValueError("design effects must be >= 1")
     with np.errstate(divide="ignore", invalid="ignore"):
         var = n * m / 12 * ((big_n + 1) - ties / (big_n * (big_n - 1)))
+        var = var * (m + n * deff + 1) / (big_n + 1)
     valid = (n > 0) & (m > 0) & (big_n > 1) & (var > 0)
     sigma = np.sqrt(np.where(valid, var, 1.0))
     mu = n * m / 2
@@ -457,6 +482,8 @@ def score_increase_test(
     min_auc_gain: float = 0.02,
     min_current: int = MIN_CURRENT,
     min_reference: int = MIN_REFERENCE,
+    design_effect: float = 1.0,
+    min_effective: float = 0.0,
     name: str = "score_increase",
 ) -> TestResult:
     """One-sided binned Mann-Whitney: have the scores (PCA error, rare co-activations) risen?
@@ -468,12 +495,12 @@ def score_increase_test(
     r = np.asarray(reference_counts, dtype=np.float64).ravel()
     c = np.asarray(current_counts, dtype=np.float64).ravel()
     n, m = int(r.sum()), int(c.sum())
-    if n < min_reference or m < min_current:
+    if n < min_reference or m < min_current or m / design_effect < min_effective:
         return _not_enough(name, alpha, n, m)
-    auc, p = binned_mann_whitney(r, c, alternative="greater")
+    auc, p = binned_mann_whitney(r, c, alternative="greater", design_effect=design_effect)
     a, pv = float(auc), float(p)
     drift = pv < alpha and a >= 0.5 + min_auc_gain
-    return TestResult(name, a, pv, alpha, "drift" if drift else "ok", n, m)
+    return TestResult(name, a, pv, alpha, "drift" if drift else "ok", n, m, design_effect=design_effect)
 
 
 # ------------------------------------------------------------------------------------- FDR
@@ -526,6 +553,9 @@ class DriftThresholds:
     min_current: int = MIN_CURRENT
     min_reference: int = MIN_REFERENCE
     min_expected: float = MIN_EXPECTED
+    min_effective: float = MIN_EFFECTIVE
+    """Smallest effective sample size (records discounted for their autocorrelation) a test needs; below it
+    the test says "not enough data": a device's fifteen minutes hold few independent readings of a slow signal."""
     confidence_min_shift: float = 0.02
     class_mix_min_tvd: float = 0.05
     """Smallest total variation distance between the predicted-class shares and the training priors that
@@ -542,6 +572,8 @@ class DriftThresholds:
             raise ValueError("drift_share must lie in (0, 1]")
         if self.min_current < 2 or self.min_reference < 2:
             raise ValueError("minimum sample sizes must be >= 2")
+        if self.min_effective < 0:
+            raise ValueError("min_effective must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -592,6 +624,8 @@ class WindowCounts:
     confidence_counts: np.ndarray | Sequence[int] | None = None
     pca_error_counts: np.ndarray | Sequence[int] | None = None
     coactivation_counts: np.ndarray | Sequence[int] | None = None
+    effective: EffectiveSizes | None = None
+    """Effective sample sizes of the window's autocorrelated records (``None``: treated as independent)."""
 
 
 @dataclass(frozen=True)
@@ -601,7 +635,11 @@ class FeatureDrift:
     name: str
     n_reference: int
     n_current: int
+    n_effective: float
+    """Current records discounted for their autocorrelation (``n_current`` when independent)."""
     psi: float
+    psi_bias: float
+    """PSI expected from sampling alone, ``(B - 1) (1 / n_effective + 1 / n_reference)``; the score subtracts it."""
     hellinger: float
     kl: float
     jensen_shannon: float
@@ -611,8 +649,8 @@ class FeatureDrift:
 
     @property
     def score(self) -> float:
-        """The feature's drift score: its PSI."""
-        return self.psi
+        """The feature's drift score: its PSI beyond what sampling alone gives, at least 0."""
+        return max(self.psi - self.psi_bias, 0.0)
 
 
 @dataclass(frozen=True)
@@ -640,9 +678,24 @@ class DriftReport:
         return out
 
 
-def _feature_stats(
-    ref: ReferenceCounts, cur: WindowCounts, thr: DriftThresholds
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def psi_bias(reference: np.ndarray | Sequence[Any], n_current: np.ndarray | float) -> np.ndarray:
+    """PSI from sampling alone: ``(B - 1) (1 / n_current + 1 / n_reference)`` per feature.
+
+    To second order the PSI is the chi-square distance ``sum (q - p)^2 / p``, whose expectation with
+    ``q`` and ``p`` estimated from ``n`` and ``N`` independent records is ``(B - 1) (1/n + 1/N)``, ``B``
+    the bins the reference occupies: 0.17 for 20 bins and 112 records, above the 0.1 "no change" floor.
+    With ``n`` the effective size it also covers autocorrelated records.
+    """
+    r = _as_2d(reference)
+    n_ref = r.sum(axis=1)
+    occupied = np.maximum((r > 0).sum(axis=1) - 1, 0)
+    n_cur = np.broadcast_to(np.asarray(n_current, dtype=np.float64), n_ref.shape)
+    with np.errstate(divide="ignore"):
+        bias = occupied * (1.0 / np.maximum(n_cur, 1.0) + 1.0 / np.maximum(n_ref, 1.0))
+    return _squeeze(bias, reference)
+
+
+def _feature_stats(ref: ReferenceCounts, cur: WindowCounts, thr: DriftThresholds) -> tuple[np.ndarray, ...]:
     nf = len(ref.feature_names)
     if len(cur.feature_counts) != nf:
         raise ValueError(f"window has {len(cur.feature_counts)} feature histograms, the reference {nf}")
@@ -651,11 +704,22 @@ def _feature_stats(
             raise ValueError(f"feature {ref.feature_names[i]!r}: window has {len(cc)} bins, the reference {len(rc)}")
     r = stack_counts(ref.feature_counts)
     c = stack_counts(list(cur.feature_counts))
-    d, p = binned_ks(r, c)
+    n_ref, n_cur = r.sum(axis=1), c.sum(axis=1)
+    if cur.effective is None:
+        n_eff = n_cur.astype(np.float64)
+    else:
+        n_eff = np.asarray(cur.effective.features, dtype=np.float64)
+        if n_eff.shape != (nf,):
+            raise ValueError(f"window has {n_eff.size} effective feature sizes, the reference {nf} features")
+        n_eff = np.clip(n_eff, 0.0, n_cur)
+    d, _ = binned_ks(r, c)
+    p = np.where((n_ref > 0) & (n_cur > 0), _kolmogorov_sf(d, n_ref, np.maximum(n_eff, 1.0)), 1.0)
     return (
-        r.sum(axis=1),
-        c.sum(axis=1),
+        n_ref,
+        n_cur,
+        n_eff,
         psi(r, c, thr.eps),
+        psi_bias(r, n_eff),
         hellinger(r, c),
         kl_divergence(r, c, thr.eps),
         jensen_shannon(r, c),
@@ -671,7 +735,9 @@ class _Raw:
     names: list[str]
     n_ref: np.ndarray
     n_cur: np.ndarray
+    n_eff: np.ndarray
     psi: np.ndarray
+    psi_bias: np.ndarray
     hel: np.ndarray
     kl: np.ndarray
     js: np.ndarray
@@ -681,16 +747,22 @@ class _Raw:
 
     def p_values(self, thr: DriftThresholds) -> np.ndarray:
         """Feature KS p-values then model-signal p-values; NaN where a test abstained."""
-        enough = (self.n_ref >= thr.min_reference) & (self.n_cur >= thr.min_current)
+        enough = (self.n_ref >= thr.min_reference) & (self.n_cur >= thr.min_current) & (self.n_eff >= thr.min_effective)
         fp = np.where(enough, self.ks_p, np.nan)
         sp = [np.nan if s.p_value is None else s.p_value for s in self.signals]
         return np.concatenate([fp, np.asarray(sp, dtype=np.float64)])
 
 
 def _raw(ref: ReferenceCounts, cur: WindowCounts, thr: DriftThresholds) -> _Raw:
-    n_ref, n_cur, ps, hel, kl, js, ks_d, ks_p = _feature_stats(ref, cur, thr)
+    n_ref, n_cur, n_eff, ps, bias, hel, kl, js, ks_d, ks_p = _feature_stats(ref, cur, thr)
+    eff = cur.effective
 
-    def score(name: str, h: ScoreHistogram, counts: np.ndarray | Sequence[int] | None) -> TestResult:
+    def deff(counts: np.ndarray | Sequence[int], effective: float | None) -> float:
+        return 1.0 if effective is None else design_effect_of(float(np.sum(counts)), effective)
+
+    def score(
+        name: str, h: ScoreHistogram, counts: np.ndarray | Sequence[int] | None, effective: float | None
+    ) -> TestResult:
         if counts is None:
             return _not_enough(name, thr.fdr_q, int(h.counts.sum()), 0)
         if len(counts) != h.counts.size:
@@ -702,6 +774,8 @@ def _raw(ref: ReferenceCounts, cur: WindowCounts, thr: DriftThresholds) -> _Raw:
             min_auc_gain=thr.score_min_auc_gain,
             min_current=thr.min_current,
             min_reference=thr.min_reference,
+            design_effect=deff(counts, effective),
+            min_effective=thr.min_effective,
             name=name,
         )
 
@@ -715,6 +789,8 @@ def _raw(ref: ReferenceCounts, cur: WindowCounts, thr: DriftThresholds) -> _Raw:
             min_current=thr.min_current,
             min_expected=thr.min_expected,
             min_tvd=thr.class_mix_min_tvd,
+            design_effect=deff(cur.class_counts, None if eff is None else eff.classes),
+            min_effective=thr.min_effective,
         )
     if cur.confidence_counts is None:
         confidence = _not_enough("confidence_shift", thr.fdr_q, int(ref.confidence.counts.sum()), 0)
@@ -731,14 +807,16 @@ def _raw(ref: ReferenceCounts, cur: WindowCounts, thr: DriftThresholds) -> _Raw:
             min_shift=thr.confidence_min_shift,
             min_current=thr.min_current,
             min_reference=thr.min_reference,
+            design_effect=deff(cur.confidence_counts, None if eff is None else eff.confidence),
+            min_effective=thr.min_effective,
         )
     signals = [
         class_mix,
         confidence,
-        score("pca_error", ref.pca_error, cur.pca_error_counts),
-        score("coactivation", ref.coactivation, cur.coactivation_counts),
+        score("pca_error", ref.pca_error, cur.pca_error_counts, None if eff is None else eff.pca),
+        score("coactivation", ref.coactivation, cur.coactivation_counts, None if eff is None else eff.coact),
     ]
-    return _Raw(list(ref.feature_names), n_ref, n_cur, ps, hel, kl, js, ks_d, ks_p, signals)
+    return _Raw(list(ref.feature_names), n_ref, n_cur, n_eff, ps, bias, hel, kl, js, ks_d, ks_p, signals)
 
 
 def _severity(value: float, thr: DriftThresholds) -> Literal["none", "moderate", "major"]:
@@ -752,7 +830,7 @@ def _decide(raw: _Raw, q_values: np.ndarray, thr: DriftThresholds) -> DriftRepor
     features: list[FeatureDrift] = []
     for i, name in enumerate(raw.names):
         n_r, n_c = int(raw.n_ref[i]), int(raw.n_cur[i])
-        sev = _severity(float(raw.psi[i]), thr)
+        sev = _severity(float(raw.psi[i] - raw.psi_bias[i]), thr)
         if not np.isfinite(q_values[i]):
             ks = _not_enough("ks_binned", thr.fdr_q, n_r, n_c)
             verdict: Verdict = "not_enough_data"
@@ -775,7 +853,9 @@ def _decide(raw: _Raw, q_values: np.ndarray, thr: DriftThresholds) -> DriftRepor
                 name,
                 n_r,
                 n_c,
+                float(raw.n_eff[i]),
                 float(raw.psi[i]),
+                float(raw.psi_bias[i]),
                 float(raw.hel[i]),
                 float(raw.kl[i]),
                 float(raw.js[i]),

@@ -55,11 +55,11 @@ from typing import Any
 import numpy as np
 
 from collector.fleetctl import table
+from collector.monitoring.dependence import EffectiveSizes, design_effect_of
 from collector.monitoring.drift import (
     DriftThresholds,
     ReferenceCounts,
     ScoreHistogram,
-    WindowCounts,
     benjamini_hochberg,
     evaluate_windows,
     ks_exact,
@@ -72,7 +72,7 @@ from collector.monitoring.performance import (
     realized_accuracy,
     region_reliability_from_histograms,
 )
-from collector.monitoring.sketches import ReferenceBins, SketchError, WindowSketch, sketch_block
+from collector.monitoring.sketches import ReferenceBins, SketchError, WindowSketch, sketch_block, window_counts
 from shared.bundle import (
     Bundle,
     BundleError,
@@ -374,17 +374,6 @@ def reference_counts(bins: ReferenceBins, sketch: WindowSketch) -> ReferenceCoun
     )
 
 
-def window_counts(bins: ReferenceBins, sketch: WindowSketch) -> WindowCounts:
-    """The current side of the drift tests: every histogram of ``sketch``."""
-    return WindowCounts(
-        feature_counts=[sketch.feature_hist[f, :nb] for f, nb in enumerate(bins.feature_nbins)],
-        class_counts=sketch.class_counts,
-        confidence_counts=sketch.confidence_hist,
-        pca_error_counts=sketch.pca_hist,
-        coactivation_counts=sketch.coact_hist,
-    )
-
-
 # ---------------------------------------------------------------------------------- evaluation
 
 
@@ -436,7 +425,9 @@ def _model_summary(
 ) -> dict[str, Any]:
     m = bundle.manifest
     n = len(table)
-    region = region_reliability_from_histograms(m.reference, sketch.pca_hist, sketch.coact_hist)
+    eff = EffectiveSizes.of(sketch)  # the file's rows in their order, as one stream
+    deffs = (design_effect_of(sketch.n, eff.pca), design_effect_of(sketch.n, eff.coact))
+    region = region_reliability_from_histograms(m.reference, sketch.pca_hist, sketch.coact_hist, design_effects=deffs)
     summary: dict[str, Any] = {
         "rows": n,
         "class_counts": dict(zip(m.labels, sketch.class_counts.tolist(), strict=True)),

@@ -292,8 +292,13 @@ def region_reliability(
     alpha: float = 0.01,
     min_rate_ratio: float = 1.5,
     min_n: int = MIN_N,
+    design_effects: tuple[float, float] = (1.0, 1.0),
 ) -> RegionVerdict:
     """Decide whether the calibration still applies to a window (one-sided binomial tests, Bonferroni).
+
+    ``design_effects`` (PCA error, co-activations) discount autocorrelated records: the binomial test
+    runs on the counts the records are worth, ``n / deff`` records with ``k / deff`` above the threshold
+    (the usual design-effect adjustment of a binomial proportion; the rate itself is unchanged).
 
     Examples
     --------
@@ -311,8 +316,14 @@ def region_reliability(
         return RegionVerdict("not_enough_data", False, f"fewer than {min_n} records", pca.rate, None, coact.rate, None)
     reasons: list[str] = []
     pvalues: list[float] = []
-    for label, counts in (("PCA reconstruction error", pca), ("rare co-activation count", coact)):
-        pvalue = float(sps.binomtest(counts.n_above, counts.n, counts.expected_rate, alternative="greater").pvalue)
+    if min(design_effects) < 1.0:
+        raise ValueError(f"design effects must be >= 1, got {design_effects!r}")
+    for (label, counts), deff in zip(
+        (("PCA reconstruction error", pca), ("rare co-activation count", coact)), design_effects, strict=True
+    ):
+        n_eff = max(round(counts.n / deff), 1)
+        k_eff = min(round(counts.n_above / deff), n_eff)
+        pvalue = float(sps.binomtest(k_eff, n_eff, counts.expected_rate, alternative="greater").pvalue)
         pvalues.append(pvalue)
         rate = counts.n_above / counts.n
         if pvalue < alpha / 2.0 and rate >= min_rate_ratio * counts.expected_rate:
@@ -340,11 +351,14 @@ def region_reliability_from_histograms(
     alpha: float = 0.01,
     min_rate_ratio: float = 1.5,
     min_n: int = MIN_N,
+    design_effects: tuple[float, float] = (1.0, 1.0),
 ) -> RegionVerdict:
     """``region_reliability`` from a window's histograms on the bundle's reference edges."""
     pca = exceedance_from_histogram(pca_error_counts, profile.pca.error_histogram, profile.pca.error_p99)
     coact = exceedance_from_histogram(coact_counts, profile.coactivation.count_histogram, profile.coactivation.p99)
-    return region_reliability(pca, coact, alpha=alpha, min_rate_ratio=min_rate_ratio, min_n=min_n)
+    return region_reliability(
+        pca, coact, alpha=alpha, min_rate_ratio=min_rate_ratio, min_n=min_n, design_effects=design_effects
+    )
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -48,8 +48,9 @@ from collector.db.models import Device, Inference, MonitoringWindow
 from collector.labels import label_stats
 from collector.monitoring import performance
 from collector.monitoring.catalog import CatalogEntry, ReferenceCatalog
-from collector.monitoring.drift import DriftReport, DriftThresholds, WindowCounts, evaluate_family
-from collector.monitoring.sketches import FLAG_BITS, SketchError, WindowSketch, merge_all
+from collector.monitoring.dependence import EffectiveSizes, design_effect_of, total_effective
+from collector.monitoring.drift import DriftReport, DriftThresholds, evaluate_family
+from collector.monitoring.sketches import FLAG_BITS, SketchError, WindowSketch, merge_all, window_counts
 
 log = logging.getLogger(__name__)
 
@@ -315,24 +316,13 @@ def _clean(value: Any) -> Any:
 # ------------------------------------------------------------------------------ evaluation
 
 
-def window_counts(entry: CatalogEntry, sketch: WindowSketch) -> WindowCounts:
-    """The current side of the drift tests from a merged sketch (features cut back to their own bins)."""
-    nbins = entry.bins.feature_nbins
-    return WindowCounts(
-        feature_counts=[sketch.feature_hist[f, : int(nbins[f])] for f in range(sketch.n_features)],
-        class_counts=sketch.class_counts,
-        confidence_counts=sketch.confidence_hist,
-        pca_error_counts=sketch.pca_hist,
-        coactivation_counts=sketch.coact_hist,
-    )
-
-
 def accuracy_status(
     entry: CatalogEntry,
     sketch: WindowSketch,
     thr: StatusThresholds,
     labels: performance.GapStats | None = None,
     drift: DriftReport | None = None,
+    effective: EffectiveSizes | None = None,
 ) -> AccuracyStatus:
     """Expected accuracy (normal method on the merged sums), its reliability, and realized accuracy.
 
@@ -351,6 +341,7 @@ def accuracy_status(
     """
     conf = performance.ConfidenceStats(sketch.conf_n, max(sketch.conf_sum, 0.0), max(sketch.conf_var_sum, 0.0))
     expected = performance.expected_accuracy(conf, thr.accuracy_level, min_n=thr.accuracy_min_records)
+    eff = EffectiveSizes.of(sketch) if effective is None else effective
     region = performance.region_reliability_from_histograms(
         entry.manifest.reference,
         sketch.pca_hist,
@@ -358,6 +349,7 @@ def accuracy_status(
         alpha=thr.region_alpha,
         min_rate_ratio=thr.region_min_rate_ratio,
         min_n=thr.accuracy_min_records,
+        design_effects=(design_effect_of(sketch.n, eff.pca), design_effect_of(sketch.n, eff.coact)),
     )
     realized = None
     source = None
@@ -532,7 +524,7 @@ def _model_status(
     labels: performance.GapStats | None = None,
 ) -> ModelStatus:
     sketch = group.sketch(entry)
-    accuracy = accuracy_status(entry, sketch, thr, labels, report)
+    accuracy = accuracy_status(entry, sketch, thr, labels, report, group.effective(entry))
     quality = data_quality(entry, sketch, thr.quality)
     warnings: list[str] = []
     if accuracy.region.verdict != "not_enough_data" and not accuracy.reliable:
@@ -593,6 +585,10 @@ class _Group:
 
     def sketch(self, entry: CatalogEntry) -> WindowSketch:
         return merge_all(self.sketches, entry.bins)
+
+    def effective(self, entry: CatalogEntry) -> EffectiveSizes:
+        """Effective sample sizes of the merged windows: each stored (device, window) sketch's own, added."""
+        return total_effective(self.sketches, entry.bins.n_features)
 
 
 def _overall(models: list[ModelStatus]) -> tuple[Verdict, list[str], list[str]]:
@@ -815,7 +811,7 @@ class MonitoringService:
     ) -> dict[Any, ModelStatus]:
         entry = self.catalog.get(*key)
         assert entry is not None  # _collect keeps referenced versions only
-        counts = {s: window_counts(entry, g.sketch(entry)) for s, g in subjects.items()}
+        counts = {s: window_counts(entry.bins, g.sketch(entry), g.effective(entry)) for s, g in subjects.items()}
         reports = evaluate_family(entry.reference, counts, thr.drift)
         return {
             s: _model_status(entry, g, reports[s], thr, None if labels is None else labels.get(s))

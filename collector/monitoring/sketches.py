@@ -19,6 +19,11 @@ What a sketch holds
 * Sums: per feature Σx and Σx² over finite values, calibrated confidence Σp and Σp(1-p) (the mean
   and variance of a Poisson-binomial: label-free expected accuracy), co-activation and PCA error sums.
 * Exceedances: records whose PCA error or co-activation count is above the reference 99th percentile.
+* Dependence: successive differences, ``Σ (x_t - x_{t-1})²`` over consecutive records of a block, per
+  feature and for calibrated confidence, PCA error and co-activation count (with sums of squares for
+  the last two), and how many consecutive pairs predicted the same class. With the sums and sums of
+  squares they give each window's lag-1 autocorrelation (:mod:`collector.monitoring.dependence`): one
+  device's records seconds apart are far from independent, and the drift tests need to know by how much.
 * Data quality: NaN (missing) per feature and records with any missing input; values outside the
   device's hardware profile ranges (:class:`RangeLimits`); counts of every ``sensor_flags`` bit;
   repeated and stuck values; seq gaps; clock skew and delivery delay.
@@ -47,6 +52,9 @@ block* (a record's predecessor in an earlier block is not seen: across blocks bo
   0.2 hPa against a float16 step of 0.5 hPa, is exempt). A run of length ``L`` adds
   ``L - stuck_run + 1``. Runs are cut at block boundaries (the agent sends at most
   ``batch_max_records``, 500 by default, per batch), so ``stuck_run`` must stay well below that.
+* ``feature_diff_sq``/``feature_pairs`` and the other successive-difference sums: the pairs are
+  consecutive records of the block, both values finite (a record's predecessor in an earlier block is
+  not seen, so a block of one record adds no pair).
 * ``seq_missing``/``seq_gaps``: seqs absent between consecutive records of the block (and from
   ``all_seqs``, the seqs of every block of the batch, when given: an active block interleaved with
   a shadow block skips the shadow's seqs without losing anything), and the number of such holes.
@@ -71,6 +79,8 @@ import msgpack
 import numpy as np
 import zstandard
 
+from collector.monitoring.dependence import LAGS, EffectiveSizes
+from collector.monitoring.drift import WindowCounts
 from collector.training.reference import bin_index, reconstruction_error
 from shared.bundle import Manifest
 from shared.codec import RecordBlock
@@ -85,7 +95,9 @@ DAY_S: Final = 86_400.0
 DEFAULT_STUCK_RUN: Final = 200
 FLOAT16_QUANTUM_SHARE: Final = 0.1
 FLAG_BITS: Final = 16
-SKETCH_FORMAT: Final = 1
+SKETCH_FORMAT: Final = 2
+READABLE_FORMATS: Final = frozenset({1, 2})
+"""Format 1 lacks the successive-difference sums (read as zero: no pairs, dependence unknown)."""
 MAX_SKETCH_BYTES: Final = 16 * 1024 * 1024
 
 
@@ -266,6 +278,18 @@ class WindowSketch:
     pca_hist: np.ndarray  # [Bp] PCA reconstruction error
     pca_sum: float
     pca_exceed: int  # error > reference p99
+    # Successive differences at the lags of LAGS (first axis): Σ (x_t - x_{t-lag})² and pair counts.
+    feature_diff_sq: np.ndarray  # [L, F] float, over pairs with both values finite
+    feature_pairs: np.ndarray  # [L, F]
+    class_pairs: np.ndarray  # [L] pairs with both predictions valid
+    class_same: np.ndarray  # [L] of them, pairs predicting the same class
+    conf_pairs: np.ndarray  # [L] pairs with both calibrated confidences finite
+    conf_diff_sq: np.ndarray  # [L] float
+    score_pairs: np.ndarray  # [L] pairs (PCA error and co-activation count are always finite)
+    pca_diff_sq: np.ndarray  # [L] float
+    coact_diff_sq: np.ndarray  # [L] float
+    pca_sumsq: float
+    coact_sumsq: float
     flag_bits: np.ndarray  # [16] records with each sensor_flags bit set
     flagged_records: int  # records with any sensor flag
     seq_missing: int  # seqs absent between consecutive records
@@ -369,10 +393,12 @@ class WindowSketch:
             doc = msgpack.unpackb(body, raw=False)
         except (zstandard.ZstdError, ValueError, msgpack.UnpackException) as exc:
             raise SketchError("bad_sketch", f"not a stored sketch: {exc}") from None
-        if not isinstance(doc, dict) or doc.get("v") != SKETCH_FORMAT or not isinstance(doc.get("f"), dict):
-            raise SketchError("bad_sketch", f"unknown sketch format (expected version {SKETCH_FORMAT})")
+        if not isinstance(doc, dict) or doc.get("v") not in READABLE_FORMATS or not isinstance(doc.get("f"), dict):
+            raise SketchError("bad_sketch", f"unknown sketch format (expected one of {sorted(READABLE_FORMATS)})")
         stored = doc["f"]
         names = {f.name: f.type for f in dataclasses.fields(cls)}
+        if doc["v"] == 1:
+            stored = _upgrade_v1(stored)
         if set(stored) != set(names):
             raise SketchError("bad_sketch", f"fields differ: {sorted(set(stored) ^ set(names))}")
         values: dict[str, Any] = {}
@@ -400,7 +426,9 @@ class WindowSketch:
         return sketch
 
 
-_FLOAT_ARRAYS: Final = frozenset({"feature_sum", "feature_sumsq"})
+_FLOAT_ARRAYS: Final = frozenset(
+    {"feature_sum", "feature_sumsq", "feature_diff_sq", "conf_diff_sq", "pca_diff_sq", "coact_diff_sq"}
+)
 
 
 def _shapes(nf: int, nb: int, nc: int, bins: ReferenceBins | None) -> dict[str, tuple[int, ...]]:
@@ -413,6 +441,15 @@ def _shapes(nf: int, nb: int, nc: int, bins: ReferenceBins | None) -> dict[str, 
         "feature_out_of_range": (nf,),
         "feature_repeat": (nf,),
         "feature_stuck": (nf,),
+        "feature_diff_sq": (len(LAGS), nf),
+        "feature_pairs": (len(LAGS), nf),
+        "class_pairs": (len(LAGS),),
+        "class_same": (len(LAGS),),
+        "conf_pairs": (len(LAGS),),
+        "conf_diff_sq": (len(LAGS),),
+        "score_pairs": (len(LAGS),),
+        "pca_diff_sq": (len(LAGS),),
+        "coact_diff_sq": (len(LAGS),),
         "class_counts": (nc,),
         "confusion": (nc, nc),
         "flag_bits": (FLAG_BITS,),
@@ -422,6 +459,45 @@ def _shapes(nf: int, nb: int, nc: int, bins: ReferenceBins | None) -> dict[str, 
         shapes["coact_hist"] = (bins.coact_edges.size - 1,)
         shapes["pca_hist"] = (bins.pca_edges.size - 1,)
     return shapes
+
+
+_LAG_SCALARS: Final = (
+    "class_pairs",
+    "class_same",
+    "conf_pairs",
+    "conf_diff_sq",
+    "score_pairs",
+    "pca_diff_sq",
+    "coact_diff_sq",
+)
+"""Successive-difference fields holding one value per lag."""
+_V2_FIELDS: Final = ("feature_diff_sq", "feature_pairs", *_LAG_SCALARS, "pca_sumsq", "coact_sumsq")
+
+
+def _upgrade_v1(stored: dict[str, Any]) -> dict[str, Any]:
+    """A format-1 sketch's fields plus the successive-difference sums it lacks, as zeros (no pairs seen)."""
+    if any(name in stored for name in _V2_FIELDS):
+        raise SketchError("bad_sketch", "a format-1 sketch with format-2 fields")
+    hist = stored.get("feature_hist")
+    shape = hist.get("s") if isinstance(hist, dict) else None
+    if not (isinstance(shape, list) and len(shape) == 2 and isinstance(shape[0], int) and shape[0] >= 0):
+        raise SketchError("bad_sketch", "feature_hist: bad shape")
+    nf, nl = shape[0], len(LAGS)
+    out = dict(stored)
+    for name in ("feature_diff_sq", "feature_pairs"):
+        out[name] = {"d": "<f8" if name in _FLOAT_ARRAYS else "<i8", "s": [nl, nf], "b": bytes(8 * nl * nf)}
+    for name in (
+        "class_pairs",
+        "class_same",
+        "conf_pairs",
+        "conf_diff_sq",
+        "score_pairs",
+        "pca_diff_sq",
+        "coact_diff_sq",
+    ):
+        out[name] = {"d": "<f8" if name in _FLOAT_ARRAYS else "<i8", "s": [nl], "b": bytes(8 * nl)}
+    out["pca_sumsq"] = out["coact_sumsq"] = 0.0
+    return out
 
 
 def _array(name: str, v: Any) -> np.ndarray:
@@ -478,6 +554,23 @@ def window_start(ts: np.ndarray | float, window_s: float = DEFAULT_WINDOW_S) -> 
     if not window_s > 0:
         raise ValueError("window_s must be positive")
     return np.floor(np.asarray(ts, dtype=np.float64) / window_s) * window_s
+
+
+def window_counts(bins: ReferenceBins, sketch: WindowSketch, effective: EffectiveSizes | None = None) -> WindowCounts:
+    """The current side of the drift tests: every histogram of ``sketch`` (features cut back to their own bins).
+
+    ``effective`` are the effective sample sizes of its records; by default those of ``sketch`` as one
+    vehicle's window. A sketch merged from several vehicles' windows needs the sum of theirs
+    (:func:`~collector.monitoring.dependence.total_effective`).
+    """
+    return WindowCounts(
+        feature_counts=[sketch.feature_hist[f, : int(nb)] for f, nb in enumerate(bins.feature_nbins)],
+        class_counts=sketch.class_counts,
+        confidence_counts=sketch.confidence_hist,
+        pca_error_counts=sketch.pca_hist,
+        coactivation_counts=sketch.coact_hist,
+        effective=EffectiveSizes.of(sketch) if effective is None else effective,
+    )
 
 
 def rollup(windows: Mapping[float, WindowSketch], period_s: float = DAY_S) -> dict[float, WindowSketch]:
@@ -549,6 +642,61 @@ def _columns(rows: InferenceRows | RecordBlock, received_at: float | None, ts_co
 
 
 @dataclass
+class _Lagged:
+    """Per-record successive-difference terms at one lag: each pair counted at the record that ends it."""
+
+    diff_sq: np.ndarray  # float64 [n, F]: (x_t - x_{t-lag})², 0 where no finite pair ends
+    has_prev: np.ndarray  # bool [n]: the record has a predecessor ``lag`` records back in the block
+    pair_ok: np.ndarray | None  # bool [n, F]: a finite pair ends here; None: wherever has_prev
+    class_pair: np.ndarray  # bool [n]: both predictions valid
+    class_same: np.ndarray  # bool [n]: ... and equal
+    conf_diff_sq: np.ndarray  # float64 [n]
+    conf_pair: np.ndarray  # bool [n]
+    pca_diff_sq: np.ndarray  # float64 [n]
+    coact_diff_sq: np.ndarray  # float64 [n]
+
+
+def _lag_terms(
+    lag: int,
+    x0: np.ndarray,
+    finite: np.ndarray | None,
+    pred: np.ndarray,
+    conf: np.ndarray,
+    conf_finite: np.ndarray,
+    pca: np.ndarray,
+    coact: np.ndarray,
+) -> _Lagged:
+    """Successive differences at ``lag`` of one block (``finite`` None: every input value finite)."""
+    n, nf = x0.shape
+    diff_sq = np.zeros((n, nf), dtype=np.float64)
+    has_prev = np.zeros(n, dtype=bool)
+    has_prev[lag:] = True
+    pair_ok: np.ndarray | None = None
+    class_pair = np.zeros(n, dtype=bool)
+    class_same = np.zeros(n, dtype=bool)
+    conf_pair = np.zeros(n, dtype=bool)
+    conf_diff_sq = np.zeros(n, dtype=np.float64)
+    pca_diff_sq = np.zeros(n, dtype=np.float64)
+    coact_diff_sq = np.zeros(n, dtype=np.float64)
+    if finite is not None:
+        pair_ok = np.zeros((n, nf), dtype=bool)
+    if n > lag:
+        diff_sq[lag:] = np.square(x0[lag:] - x0[:-lag])
+        if pair_ok is not None and finite is not None:
+            pair_ok[lag:] = finite[lag:] & finite[:-lag]
+            diff_sq[~pair_ok] = 0.0
+        class_pair[lag:] = (pred[lag:] >= 0) & (pred[:-lag] >= 0)
+        class_same[lag:] = class_pair[lag:] & (pred[lag:] == pred[:-lag])
+        conf_pair[lag:] = conf_finite[lag:] & conf_finite[:-lag]
+        conf_diff_sq[lag:] = np.where(conf_pair[lag:], np.square(conf[lag:] - conf[:-lag]), 0.0)
+        pca_diff_sq[lag:] = np.square(pca[lag:] - pca[:-lag])
+        coact_diff_sq[lag:] = np.square(coact[lag:] - coact[:-lag])
+    return _Lagged(
+        diff_sq, has_prev, pair_ok, class_pair, class_same, conf_diff_sq, conf_pair, pca_diff_sq, coact_diff_sq
+    )
+
+
+@dataclass
 class _PerRecord:
     """Per-record values computed once for a whole block; windows aggregate slices of them."""
 
@@ -569,6 +717,7 @@ class _PerRecord:
     pca_bin: np.ndarray
     flags: np.ndarray  # int64
     bits: np.ndarray | None  # uint8 [n, 16], None when no flag is set
+    lagged: tuple[_Lagged, ...]  # one per lag of LAGS
     gap_before: np.ndarray  # int64: seqs missing right before each record
     delay: np.ndarray
     offset: np.ndarray
@@ -637,6 +786,10 @@ def _per_record(
     if flags.any():
         bits = ((flags[:, None] >> np.arange(FLAG_BITS)) & 1).astype(np.uint8)
 
+    lagged = tuple(
+        _lag_terms(lag, x0, None if all_finite else finite, pred, conf, conf_finite, pca, coact) for lag in LAGS
+    )
+
     seq = cols.seq
     gap_before = np.zeros(n, dtype=np.int64)
     if n > 1:
@@ -670,6 +823,7 @@ def _per_record(
         pca_bin=bin_index(pca, bins.pca_edges),
         flags=flags,
         bits=bits,
+        lagged=lagged,
         gap_before=gap_before,
         delay=cols.received_at - tsc,
         offset=cols.ts - tsc,
@@ -696,6 +850,26 @@ def _stuck(bins: ReferenceBins, repeat: np.ndarray) -> np.ndarray | None:
     return stuck
 
 
+def _aggregate_lag(lg: _Lagged, sel: slice | np.ndarray, nf: int) -> dict[str, np.ndarray]:
+    """The sketch's successive-difference fields at one lag, for the records ``sel``."""
+    score_pairs = lg.has_prev[sel].sum(dtype=_I8)
+    # With every value finite, every record that has a predecessor ends a finite pair.
+    feature_pairs = (
+        np.full(nf, score_pairs, dtype=_I8) if lg.pair_ok is None else lg.pair_ok[sel].sum(axis=0, dtype=_I8)
+    )
+    return {
+        "feature_diff_sq": np.einsum("ij->j", lg.diff_sq[sel]),
+        "feature_pairs": feature_pairs,
+        "class_pairs": lg.class_pair[sel].sum(dtype=_I8),
+        "class_same": lg.class_same[sel].sum(dtype=_I8),
+        "conf_pairs": lg.conf_pair[sel].sum(dtype=_I8),
+        "conf_diff_sq": np.float64(lg.conf_diff_sq[sel].sum()),
+        "score_pairs": score_pairs,
+        "pca_diff_sq": np.float64(lg.pca_diff_sq[sel].sum()),
+        "coact_diff_sq": np.float64(lg.coact_diff_sq[sel].sum()),
+    }
+
+
 def _aggregate(bins: ReferenceBins, p: _PerRecord, sel: slice | np.ndarray) -> WindowSketch:
     nf, nb, nc = bins.n_features, bins.n_bins, bins.n_classes
     slots = np.bincount(p.slot[sel].ravel(), minlength=nf * (nb + 1)).reshape(nf, nb + 1).astype(_I8)
@@ -717,6 +891,7 @@ def _aggregate(bins: ReferenceBins, p: _PerRecord, sel: slice | np.ndarray) -> W
     latency = p.latency[sel]
     zeros_f = np.zeros(nf, dtype=_I8)
     empty = n == 0
+    lags = [_aggregate_lag(lg, sel, nf) for lg in p.lagged]
     return WindowSketch(
         n=n,
         feature_hist=slots[:, :nb],
@@ -744,6 +919,9 @@ def _aggregate(bins: ReferenceBins, p: _PerRecord, sel: slice | np.ndarray) -> W
         pca_hist=np.bincount(p.pca_bin[sel], minlength=bins.pca_edges.size - 1).astype(_I8),
         pca_sum=float(pca.sum()),
         pca_exceed=int((pca > bins.pca_p99).sum()),
+        **{name: np.stack([lag[name] for lag in lags]) for name in lags[0]},
+        pca_sumsq=float(pca @ pca),
+        coact_sumsq=float(coact @ coact),
         flag_bits=np.zeros(FLAG_BITS, _I8) if p.bits is None else p.bits[sel].sum(axis=0, dtype=_I8),
         flagged_records=int(np.count_nonzero(flags)),
         seq_missing=int(gap.sum()),

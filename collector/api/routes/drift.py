@@ -51,6 +51,9 @@ class TestResultOut(_Out):
     effect: float | None = Field(
         None, description="effect size the verdict also needed, where the test has a floor (class mix: total variation)"
     )
+    design_effect: float = Field(
+        1.0, description="variance inflation for autocorrelated current records, (1 + rho) / (1 - rho); 1: independent"
+    )
 
 
 class FeatureDriftOut(_Out):
@@ -59,14 +62,22 @@ class FeatureDriftOut(_Out):
     name: str
     n_reference: int
     n_current: int
-    psi: float | None = Field(description="population stability index, the feature's drift score")
+    n_effective: float | None = Field(
+        description="current records discounted for their lag-1 autocorrelation: the sample size the tests use"
+    )
+    psi: float | None = Field(description="population stability index")
+    psi_bias: float | None = Field(
+        description="PSI that sampling alone gives, (B - 1)(1 / n_effective + 1 / n_reference); the score subtracts it"
+    )
     hellinger: float | None
     kl: float | None = Field(description="KL(current || reference), nats")
     jensen_shannon: float | None = Field(description="base 2, in [0, 1]")
     ks: TestResultOut = Field(description="KS from binned CDFs")
-    severity: Literal["none", "moderate", "major"] = Field(description="PSI below psi_minor / psi_major / above")
-    verdict: Literal["drift", "ok", "not_enough_data"] = Field(description="drift: KS q <= fdr_q and PSI >= psi_minor")
-    score: float | None
+    severity: Literal["none", "moderate", "major"] = Field(description="score below psi_minor / psi_major / above")
+    verdict: Literal["drift", "ok", "not_enough_data"] = Field(
+        description="drift: KS q <= fdr_q and score >= psi_minor; not_enough_data below the minimum (effective) size"
+    )
+    score: float | None = Field(description="the feature's drift score: PSI minus its sampling bias, at least 0")
 
 
 class DriftReportOut(_Out):

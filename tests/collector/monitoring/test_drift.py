@@ -460,11 +460,12 @@ def test_report_is_json_and_nan_free(
         text = json.dumps(d, allow_nan=False)
         back = json.loads(text)
         assert back["thresholds"]["psi_major"] == 0.25 and len(back["features"]) == N_FEATURES
-        assert {"psi", "hellinger", "kl", "jensen_shannon", "ks", "score", "verdict", "severity"} <= set(
-            back["features"][0]
-        )
+        assert {
+            "psi", "psi_bias", "n_effective", "hellinger", "kl", "jensen_shannon", "ks", "score", "verdict", "severity",
+        } <= set(back["features"][0])  # fmt: skip
         assert set(back["confidence"]) == {
             "name", "statistic", "p_value", "threshold", "verdict", "n_reference", "n_current", "q_value", "effect",
+            "design_effect",
         }  # fmt: skip
 
 

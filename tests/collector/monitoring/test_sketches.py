@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from collector.ingest.bulk import InferenceRows
+from collector.monitoring.dependence import LAGS
 from collector.monitoring.sketches import (
     RangeLimits,
     ReferenceBins,
@@ -24,7 +25,7 @@ from collector.monitoring.sketches import (
     split_by_window,
     window_start,
 )
-from collector.training.reference import bin_counts
+from collector.training.reference import bin_counts, reconstruction_error
 from shared.bundle import Manifest, load_bundle, pack_pair_mask
 from shared.codec import RecordBlock, decode_batch, encode_batch
 from shared.profile import HardwareProfile
@@ -215,6 +216,36 @@ def test_data_quality_counters(bins: ReferenceBins) -> None:
     assert (s.ts_min, s.ts_max) == (ts_corr.min(), ts_corr.max())
 
 
+def test_successive_differences_of_consecutive_records(bins: ReferenceBins) -> None:
+    x = np.array([[1.0, 0.0, 0.5], [3.0, np.nan, 0.5], [2.0, 4.0, 0.25], [2.0, 1.0, 1.0]], np.float32)
+    pred = np.array([0, 0, 2, 2], np.int16)
+    conf = np.array([0.5, 0.75, np.nan, 0.25], np.float16)
+    coact = np.array([0, 2, 1, 1], np.uint16)
+    s = sketch_block(bins, block(x, pred=pred, calibrated=conf, coact=coact), received_at=T0)
+    assert LAGS == (1, 8)  # the first axis of every successive-difference field
+    # Lag 1. Feature 0: (3-1)² + (2-3)² + 0; feature 1: only the pair (4, 1) is finite; feature 2: 0 + 1/16 + 9/16.
+    assert s.feature_diff_sq[0].tolist() == [5.0, 9.0, 0.625]
+    assert s.feature_pairs[0].tolist() == [3, 1, 3]
+    assert (s.class_pairs[0], s.class_same[0]) == (3, 2)  # 0->0 and 2->2 repeat, 0->2 does not
+    assert (s.conf_pairs[0], s.conf_diff_sq[0]) == (1, 0.0625)  # NaN breaks two of the three pairs
+    assert (s.score_pairs[0], s.coact_diff_sq[0], s.coact_sumsq) == (3, 5.0, 6.0)
+    # Four records have no pair eight apart.
+    assert s.feature_pairs[1].tolist() == [0, 0, 0] and s.score_pairs[1] == 0 and s.feature_diff_sq[1].sum() == 0
+    # PCA error as the sketch computes it (the missing input imputed with its reference mean).
+    filled = np.where(np.isfinite(x), x, bins.impute_mean)
+    err = reconstruction_error((filled - bins.norm_mean) / bins.norm_std, bins.components)
+    assert math.isclose(s.pca_sumsq, float(err @ err))
+    assert math.isclose(s.pca_diff_sq[0], float(np.diff(err) @ np.diff(err))) and s.pca_diff_sq[0] > 0
+    # Lag 8 on a longer block: x_t - x_{t-8} of a ramp is 8 everywhere.
+    ramp = np.repeat(np.arange(20, dtype=np.float32)[:, None], 3, axis=1)
+    r = sketch_block(bins, block(ramp), received_at=T0)
+    assert r.feature_pairs.tolist() == [[19] * 3, [12] * 3] and r.feature_diff_sq[1].tolist() == [12 * 64.0] * 3
+    # One record is no pair at all.
+    one = sketch_block(bins, block(x[:1]), received_at=T0)
+    assert one.score_pairs.tolist() == [0, 0] and one.class_pairs.tolist() == [0, 0]
+    assert one.feature_pairs.tolist() == [[0, 0, 0], [0, 0, 0]]
+
+
 def test_bad_records_give_specific_errors(bins: ReferenceBins) -> None:
     with pytest.raises(SketchError) as err:
         sketch_block(bins, block(np.zeros((4, 5), np.float32)), received_at=T0)
@@ -266,22 +297,46 @@ def test_merge_is_associative_commutative_and_has_an_identity(bins: ReferenceBin
     assert (a + b).n == 60 and not (a + b).same_as(a)
 
 
+def _records(b: RecordBlock, sl: slice) -> RecordBlock:
+    """Records ``sl`` of ``b`` (its per-record columns sliced; no sampled activations in these blocks)."""
+    return dataclasses.replace(
+        b,
+        **{
+            f.name: getattr(b, f.name)[sl]
+            for f in dataclasses.fields(b)
+            if isinstance(getattr(b, f.name), np.ndarray) and not f.name.startswith("act_sample")
+        },
+    )
+
+
+PAIR_FIELDS = (
+    "feature_diff_sq",
+    "feature_pairs",
+    "class_pairs",
+    "class_same",
+    "conf_pairs",
+    "conf_diff_sq",
+    "score_pairs",
+    "pca_diff_sq",
+    "coact_diff_sq",
+)
+
+
 def test_sketch_of_a_union_is_the_sum_of_the_sketches(bins: ReferenceBins) -> None:
     whole = random_block(60, 5)
-    parts = [
-        dataclasses.replace(
-            whole,
-            **{
-                f.name: getattr(whole, f.name)[sl]
-                for f in dataclasses.fields(whole)
-                if isinstance(getattr(whole, f.name), np.ndarray) and not f.name.startswith("act_sample")
-            },
-        )
-        for sl in (slice(0, 25), slice(25, 60))
-    ]
     one = sketch_block(bins, whole, received_at=T0 + 9)
-    two = [sketch_block(bins, p, received_at=T0 + 9) for p in parts]
-    assert one.same_as(two[0] + two[1])
+    merged = sum(sketch_block(bins, _records(whole, sl), received_at=T0 + 9) for sl in (slice(0, 25), slice(25, 60)))
+    assert isinstance(merged, WindowSketch)
+    # Successive differences see a record's predecessor within its block only: at lag 1 the one pair that
+    # crosses the cut (records 24 and 25) is all that differs, and it is exactly the sketch of those two.
+    across = sketch_block(bins, _records(whole, slice(24, 26)), received_at=T0 + 9)
+    assert across.score_pairs.tolist() == [1, 0] and one.score_pairs.tolist() == [59, 52]
+    # At lag 8 the eight pairs that cross the cut (17->25 ... 24->32) are missing: 17 + 27 of the whole's 52.
+    assert merged.score_pairs.tolist() == [58, 44]
+    for f in PAIR_FIELDS:  # lag 8 taken from the whole block; lag 1 completed with the crossing pair
+        getattr(merged, f)[1] = getattr(one, f)[1]
+    completed = dataclasses.replace(merged, **{f: getattr(merged, f) + getattr(across, f) for f in PAIR_FIELDS})
+    assert one.same_as(completed)
     assert one.n == 60 and one.labelled > 0 and one.flag_bits.sum() > 0 and one.feature_nan.sum() > 0
 
 
@@ -355,6 +410,26 @@ def test_bytes_round_trip_and_bad_bytes(bins: ReferenceBins) -> None:
     with pytest.raises(SketchError) as err:
         merge(s, WindowSketch.empty(other))
     assert err.value.reason == "shape_mismatch"
+
+
+def test_format_1_sketches_read_with_no_pairs(bins: ReferenceBins) -> None:
+    import msgpack
+    import zstandard
+
+    s = sketch_block(bins, random_block(50, 3), received_at=T0 + 9)
+    doc = msgpack.unpackb(zstandard.ZstdDecompressor().decompress(s.to_bytes()), raw=False)
+    assert doc["v"] == 2
+    for name in (*PAIR_FIELDS, "pca_sumsq", "coact_sumsq"):
+        del doc["f"][name]
+    old = zstandard.ZstdCompressor().compress(msgpack.packb({"v": 1, "f": doc["f"]}, use_bin_type=True))
+    back = WindowSketch.from_bytes(old)
+    assert back.n == s.n and np.array_equal(back.feature_hist, s.feature_hist)
+    assert back.score_pairs.tolist() == [0, 0] and back.feature_pairs.tolist() == [[0, 0, 0]] * 2
+    assert back.pca_sumsq == 0.0
+    doc["f"]["pca_sumsq"] = 3.0  # a format-1 document cannot carry format-2 fields
+    bad = zstandard.ZstdCompressor().compress(msgpack.packb({"v": 1, "f": doc["f"]}, use_bin_type=True))
+    with pytest.raises(SketchError, match="format-2 fields"):
+        WindowSketch.from_bytes(bad)
 
 
 # ---------------------------------------------------------------------------- real bundle
