@@ -106,3 +106,49 @@ def test_cli_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
     assert not (tmp_path / "x.csv").exists()
     args = parser.parse_args(["dataset", "--scenario", "training", "--seconds", "-1", "--out", str(tmp_path / "y.csv")])
     assert args.func(args) == 2
+
+
+def test_drives_are_independent_vehicles_recorded_every_few_seconds() -> None:
+    sc = short_scenario()
+    drives = list(dataset.generate_drives(sc, vehicles=3, seconds=16.0, every_s=0.8, seed=5))
+    assert len(drives) == 3 * 20
+    # Vehicle k is the cabin with seed 5 * stride + k, started at its phase in the loop, one 100 ms window
+    # every 0.8 s: the same features the agent computes, with the audio between records skipped.
+    k = 2
+    phase = dataset.drive_phase(sc, 5, k)
+    assert 0.0 <= phase < sc.period and phase == pytest.approx(round(phase * 10) / 10)
+    cabin = SimulatedCabin(sc, seed=5 * dataset.DRIVE_SEED_STRIDE + k, rate_hz=10.0, start_ts=-phase)
+    cabin.advance(phase)
+    pipeline = FeaturePipeline()
+    for features, label in drives[40:]:
+        obs = cabin.read()
+        assert label == (obs.truth or "normal") and np.array_equal(features, pipeline(obs.env, obs.audio)[0])
+        cabin.advance(0.7)
+    # Same seed, same drives; another seed, other vehicles.
+    again = list(dataset.generate_drives(sc, vehicles=3, seconds=16.0, every_s=0.8, seed=5))
+    assert all(np.array_equal(a[0], b[0]) for a, b in zip(drives, again, strict=True))
+    other = list(dataset.generate_drives(sc, vehicles=1, seconds=16.0, every_s=0.8, seed=6))
+    assert not np.array_equal(np.stack([f for f, _ in other]), np.stack([f for f, _ in drives[:20]]))
+    with pytest.raises(ValueError, match="every_s"):
+        next(dataset.drive(sc, records=1, every_s=0.05))
+
+
+def test_cli_writes_drives(tmp_path: Path) -> None:
+    out = tmp_path / "drives.csv"
+    parser = argparse.ArgumentParser()
+    dataset.register(parser.add_subparsers())
+    scenario = tmp_path / "s.yaml"
+    scenario.write_text(
+        "name: s\nrepeat: true\ntimeline:\n"
+        "  - {at: 1, duration: 2, event: vaping}\n"
+        "  - {at: 4, duration: 1, event: normal}\n"
+    )
+    args = parser.parse_args(
+        ["dataset", "--scenario", str(scenario), "--seconds", "8", "--every", "2", "--vehicles", "2", "--out", str(out)]
+    )
+    assert args.func(args) == 0
+    assert len(out.read_text().splitlines()) == 1 + 2 * 4
+    bad = parser.parse_args(
+        ["dataset", "--scenario", str(scenario), "--seconds", "8", "--every", "0.01", "--out", str(out)]
+    )
+    assert bad.func(bad) == 2
