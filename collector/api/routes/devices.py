@@ -18,9 +18,7 @@ def list_devices(
     session: SessionDep,
     limit: LimitQuery = 100,
     cursor: CursorQuery = None,
-    status_filter: Annotated[
-        Literal["online", "offline", "stopped", "unknown"] | None, Query(alias="status")
-    ] = None,
+    status_filter: Annotated[Literal["online", "offline", "stopped", "unknown"] | None, Query(alias="status")] = None,
 ) -> Page[DevicePublic]:
     """Devices ordered by id."""
     try:
