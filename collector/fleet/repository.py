@@ -106,12 +106,19 @@ def memberships(conn: Connection) -> list[tuple[str, str]]:
 
 def add_members(conn: Connection, *, group: str, device_ids: Sequence[str], at: float, by: str) -> int:
     """Assign devices to a group explicitly; returns how many were not members yet."""
-    if not device_ids:
-        return 0
-    insert, keys = _insert(conn, MEMBERS), ["group_name", "device_id"]
-    rows = [{"group_name": group, "device_id": d, "added_at": at, "added_by": by} for d in sorted(set(device_ids))]
-    result = conn.execute(insert.on_conflict_do_nothing(index_elements=keys), rows)
-    return max(0, int(result.rowcount))
+    c = MEMBERS.c
+    wanted = sorted(set(device_ids))
+    present: set[str] = set()
+    for chunk in _chunks(wanted):
+        present |= {
+            str(r[0]) for r in conn.execute(sa.select(c.device_id).where(c.group_name == group, c.device_id.in_(chunk)))
+        }
+    rows = [{"group_name": group, "device_id": d, "added_at": at, "added_by": by} for d in wanted if d not in present]
+    if rows:
+        # DO NOTHING: a concurrent assignment of the same device is not an error.
+        insert = _insert(conn, MEMBERS).on_conflict_do_nothing(index_elements=["group_name", "device_id"])
+        conn.execute(insert, rows)
+    return len(rows)
 
 
 def remove_members(conn: Connection, *, group: str, device_ids: Sequence[str]) -> int:
