@@ -251,14 +251,23 @@ class DesiredStates:
         Call inside a transaction holding the desired-state lock (:func:`write_transaction` with
         ``desired_lock``). Retired devices are left alone.
         """
-        at = time.time() if now is None else now
+        rows, changed = self._plan(conn, device_ids, time.time() if now is None else now)
+        repo.put_desired(conn, rows=rows)
+        if changed:
+            log.info("desired state changed for %d device(s)", len(changed))
+        return changed
+
+    def _plan(
+        self, conn: Connection, device_ids: Sequence[str] | None, at: float
+    ) -> tuple[list[dict[str, Any]], list[str]]:
+        """The desired rows to write (new serials, or a new explanation only) and the devices whose state changed."""
         devices = [d for d in repo.device_facts(conn, device_ids=device_ids) if d.retired_at is None]
         if not devices:
-            return []
-        ids = [d.id for d in devices]
-        inputs = _Inputs.load(conn, None if device_ids is None else ids)
-        groups_of = membership(conn).groups_of()
-        stored = repo.desired_rows(conn, device_ids=None if device_ids is None else ids)
+            return [], []
+        ids = None if device_ids is None else [d.id for d in devices]
+        inputs = _Inputs.load(conn, ids)
+        groups_of = membership(conn, devices=devices).groups_of()
+        stored = repo.desired_rows(conn, device_ids=ids)
         rows, changed = [], []
         for device in devices:
             res = inputs.resolve(device, groups_of.get(device.id, set()))
@@ -280,10 +289,7 @@ class DesiredStates:
             document.update(serial=serial)
             rows.append(self._row(device.id, document, res, at, serial))
             changed.append(device.id)
-        repo.put_desired(conn, rows=rows)
-        if changed:
-            log.info("desired state changed for %d device(s)", len(changed))
-        return changed
+        return rows, changed
 
     @staticmethod
     def _row(device_id: str, document: dict[str, Any], res: Resolution, at: float, serial: int) -> dict[str, Any]:
@@ -298,9 +304,18 @@ class DesiredStates:
         }
 
     def reconcile(self, *, now: float | None = None) -> list[str]:
-        """Recompute every device in its own transaction (tags reported in status, new devices); return the changed."""
+        """Recompute every device (tags reported in status, new devices); return the devices that changed.
+
+        Resolution runs first on a read-only connection; only when something is to be written does it run
+        again in a write transaction (so the periodic pass takes no write lock while nothing changes).
+        """
+        at = time.time() if now is None else now
+        with self.engine.connect() as conn:
+            rows, _ = self._plan(conn, None, at)
+        if not rows:
+            return []
         with write_transaction(self.engine, desired_lock=True) as conn:
-            changed = self.recompute(conn, now=now)
+            changed = self.recompute(conn, now=at)
         if changed:
             self._wake()
         return changed

@@ -36,6 +36,7 @@ TRAIN_SEED = 0
 LABEL_COLUMN = "label"
 MAX_DATASET_BYTES = 3 * 1024 * 1024
 
+
 def generate_dataset(
     out: Path = DATASET, *, seconds: float = SECONDS, rate_hz: float = RATE_HZ, seed: int = DATA_SEED
 ) -> int:
