@@ -16,7 +16,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from collector.config import Settings
+from collector.config import ConfigError, Settings
 from shared.signing import PublicKey, load_private_key, load_public_keys, raw_public
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,16 @@ class ReleaseKeys:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ReleaseKeys:
-        """Load the keys the settings name (an unreadable key file raises ``OSError`` or ``SignatureError``)."""
+        """Load the keys the settings name; an unreadable or invalid key file raises :class:`ConfigError`."""
+        try:
+            return cls._load(settings)
+        except (OSError, ValueError) as exc:  # SignatureError is a ValueError
+            raise ConfigError(
+                f"release or upload keys (release_key, release_public_keys, registry_upload_keys): {exc}"
+            ) from None
+
+    @classmethod
+    def _load(cls, settings: Settings) -> ReleaseKeys:
         signing = load_private_key(settings.release_key) if settings.release_key is not None else None
         dev = load_private_key(DEV_KEY) if settings.registry_dev_key else None
         if signing is None and dev is not None:

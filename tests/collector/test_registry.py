@@ -18,9 +18,9 @@ from fastapi.testclient import TestClient
 from prometheus_client import REGISTRY
 
 from collector.app import create_app
-from collector.config import Settings
+from collector.config import ConfigError, Settings
 from collector.fleetctl import main as fleetctl
-from collector.registry.keys import DEV_KEY
+from collector.registry.keys import DEV_KEY, ReleaseKeys
 from shared.bundle import MANIFEST_FILE, MODEL_FILE, SIGNATURE_FILE, load_bundle, manifest_json, write_bundle
 from shared.signing import PublicKey, generate_private_key, load_private_key, load_public_keys, sign
 from tests.services import serve_app
@@ -229,6 +229,11 @@ def test_no_release_key_refuses_pushes(sqlite_url: str, tmp_path: Path) -> None:
     with TestClient(create_app(settings, start_ingest=False)) as api:
         r = push(api, CABIN)
         assert r.status_code == 503 and r.json()["detail"]["reason"] == "no_release_key"
+    with pytest.raises(ConfigError, match="No such file"):
+        ReleaseKeys.from_settings(Settings(release_key=tmp_path / "missing.pem"))
+    (tmp_path / "junk.pub").write_text("ed25519:not-base64!\n")
+    with pytest.raises(ConfigError, match="not an Ed25519 public key"):
+        ReleaseKeys.from_settings(Settings(registry_upload_keys=[tmp_path / "junk.pub"]))
     dev = Settings(database_url=sqlite_url, data_dir=tmp_path, registry_dev_key=True)
     with TestClient(create_app(dev, start_ingest=False)) as api:
         v = push(api, CABIN).json()
