@@ -361,153 +361,159 @@ def desired_on_broker(url: str, device: str) -> Desired | None:
     return None if not payload else Desired.model_validate_json(payload)
 
 
-def announce(device_client: paho.Client, device: str, tags: list[str]) -> None:
-    """What an agent publishes on connect: its retained status (tags, model) and reported state."""
-    doc = {"state": "online", "agent_version": "0.1.0", "model": {"name": NAME, "version": "1.0.0"}, "tags": tags}
-    device_client.publish(f"fleet/v1/{device}/status", json.dumps(doc), qos=1, retain=True).wait_for_publish(5)
-    reported = {"model": {"name": NAME, "version": "1.0.0"}}
-    device_client.publish(f"fleet/v1/{device}/reported", json.dumps(reported), qos=1, retain=True).wait_for_publish(5)
+class Live:
+    """Collectors with ingest and the publisher on the shared test broker (one session id across restarts).
 
+    Every device announced through :meth:`announce` has its retained topics emptied at teardown, after
+    the collectors stopped, so later tests on the session's broker do not receive them.
+    """
 
-@pytest.fixture
-def live(
-    db_url: str, tmp_path: Path, broker: Mosquitto, release: tuple[Path, PublicKey]
-) -> Iterator[Callable[..., TestClient]]:
-    """Factory of collectors with ingest and the publisher on the test broker (one session id for restarts)."""
-    client_id = f"collector-{uuid.uuid4().hex[:8]}"
-    opened: list[Any] = []
+    def __init__(self, db_url: str, folder: Path, broker: Mosquitto, release_key: Path) -> None:
+        self.db_url, self.folder, self.broker, self.release_key = db_url, folder, broker, release_key
+        self.client_id = f"collector-{uuid.uuid4().hex[:8]}"
+        self.opened: list[TestClient] = []
+        self.devices: list[str] = []
+        self.device = _client(broker.url, "devices")
 
-    def make(**over: Any) -> TestClient:
+    def start(self, **over: Any) -> TestClient:
+        """A running collector (waits until ingest is connected)."""
         values = {
-            "mqtt_url": broker.url,
-            "mqtt_client_id": client_id,
+            "mqtt_url": self.broker.url,
+            "mqtt_client_id": self.client_id,
             "desired_reconcile_s": 0.3,
             "alert_jobs_enabled": False,
         }
         values.update(over)
-        client = TestClient(create_app(settings_for(db_url, tmp_path, release[0], **values)))
+        client = TestClient(create_app(settings_for(self.db_url, self.folder, self.release_key, **values)))
         client.__enter__()
-        opened.append(client)
+        self.opened.append(client)
         assert client.app.state.ingest.wait_connected(10)  # type: ignore[attr-defined]
         return client
 
-    yield make
-    for client in opened:
+    def stop(self, client: TestClient) -> None:
+        """Stop one collector."""
+        self.opened.remove(client)
         client.__exit__(None, None, None)
+
+    def announce(self, device: str, tags: list[str]) -> None:
+        """What an agent publishes on connect: its retained status (tags, model) and reported state."""
+        self.devices.append(device)
+        doc = {"state": "online", "agent_version": "0.1.0", "model": {"name": NAME, "version": "1.0.0"}, "tags": tags}
+        self.device.publish(f"fleet/v1/{device}/status", json.dumps(doc), qos=1, retain=True).wait_for_publish(5)
+        reported = {"model": {"name": NAME, "version": "1.0.0"}}
+        self.device.publish(f"fleet/v1/{device}/reported", json.dumps(reported), qos=1, retain=True).wait_for_publish(5)
+
+    def close(self) -> None:
+        """Stop the collectors, then empty the retained topics of every announced device."""
+        for client in list(self.opened):
+            self.stop(client)
+        for device in self.devices:
+            for kind in ("desired", "status", "reported"):
+                self.device.publish(f"fleet/v1/{device}/{kind}", b"", qos=1, retain=True).wait_for_publish(5)
+        self.device.disconnect()
+        self.device.loop_stop()
+
+
+@pytest.fixture
+def live(db_url: str, tmp_path: Path, broker: Mosquitto, release: tuple[Path, PublicKey]) -> Iterator[Live]:
+    """A :class:`Live` for this test."""
+    harness = Live(db_url, tmp_path, broker, release[0])
+    yield harness
+    harness.close()
 
 
 def test_desired_states_published_retained_signed_republished_and_cleared(
-    live: Callable[..., TestClient], broker: Mosquitto, tmp_path: Path, release: tuple[Path, PublicKey]
+    live: Live, broker: Mosquitto, tmp_path: Path, release: tuple[Path, PublicKey]
 ) -> None:
     _key, release_pub = release
     a, b = f"veh-{uuid.uuid4().hex[:6]}", f"veh-{uuid.uuid4().hex[:6]}"
-    device = _client(broker.url, "devices")
-    try:
-        api = live()
-        announce(device, a, ["group:north"])
-        announce(device, b, [])
-        assert push(api, CABIN).status_code == 201
-        assert push(api, variant(tmp_path, "1.1.0", parent="1.0.0")).status_code == 201
-        assert api.post(f"/api/v1/models/{NAME}/1.0.0/stage", json={"stage": "production"}).status_code == 200
+    api = live.start()
+    live.announce(a, ["group:north"])
+    live.announce(b, [])
+    assert push(api, CABIN).status_code == 201
+    assert push(api, variant(tmp_path, "1.1.0", parent="1.0.0")).status_code == 201
+    assert api.post(f"/api/v1/models/{NAME}/1.0.0/stage", json={"stage": "production"}).status_code == 200
 
-        # Every device with a model line gets the production version, signed by the release key.
-        msg = wait_for(lambda: desired_on_broker(broker.url, a), what="a's desired state")
-        assert msg.serial == 1 and msg.model is not None and msg.model.version == "1.0.0"
-        assert verify_desired(msg, [release_pub]) == release_pub.key_id
-        assert msg.model.url == f"http://fleet.example:8000/api/v1/models/{NAME}/1.0.0/bundle"
-        bundle = api.get(msg.model.url.removeprefix("http://fleet.example:8000"))
-        assert len(bundle.content) == msg.model.size
-        assert load_bundle(bundle.content, [release_pub]).manifest.version == "1.0.0"
-        assert wait_for(lambda: desired_on_broker(broker.url, b), what="b's desired state").serial == 1
-        wait_for(lambda: not explain(api, a)["pending"], what="a's state marked published")
+    # Every device with a model line gets the production version, signed by the release key.
+    msg = wait_for(lambda: desired_on_broker(broker.url, a), what="a's desired state")
+    assert msg.serial == 1 and msg.model is not None and msg.model.version == "1.0.0"
+    assert verify_desired(msg, [release_pub]) == release_pub.key_id
+    assert msg.model.url == f"http://fleet.example:8000/api/v1/models/{NAME}/1.0.0/bundle"
+    bundle = api.get(msg.model.url.removeprefix("http://fleet.example:8000"))
+    assert len(bundle.content) == msg.model.size
+    assert load_bundle(bundle.content, [release_pub]).manifest.version == "1.0.0"
+    assert wait_for(lambda: desired_on_broker(broker.url, b), what="b's desired state").serial == 1
+    wait_for(lambda: not explain(api, a)["pending"], what="a's state marked published")
 
-        # A group pin reaches the group's member (the group is known from its tag) with the next serial.
-        assert (
-            api.put("/api/v1/groups/north/pin", json={"model_name": NAME, "model_version": "1.1.0"}).status_code == 200
-        )
-        msg2 = wait_for(
-            lambda: (m := desired_on_broker(broker.url, a)) is not None and m.serial == 2 and m, what="serial 2"
-        )
-        assert msg2.model is not None and msg2.model.version == "1.1.0" and verify_desired(msg2, [release_pub])
-        assert desired_on_broker(broker.url, b).serial == 1  # type: ignore[union-attr]
+    # A group pin reaches the group's member (the group is known from its tag) with the next serial.
+    r = api.put("/api/v1/groups/north/pin", json={"model_name": NAME, "model_version": "1.1.0"})
+    assert r.status_code == 200
+    msg2 = wait_for(
+        lambda: (m := desired_on_broker(broker.url, a)) is not None and m.serial == 2 and m, what="serial 2"
+    )
+    assert msg2.model is not None and msg2.model.version == "1.1.0" and verify_desired(msg2, [release_pub])
+    assert desired_on_broker(broker.url, b).serial == 1  # type: ignore[union-attr]
 
-        # A restart re-publishes what is current: the retained message comes back, byte for byte.
-        api.__exit__(None, None, None)
-        device.publish(f"fleet/v1/{a}/desired", b"", qos=1, retain=True).wait_for_publish(5)
-        assert desired_on_broker(broker.url, a) is None
-        api = live()
-        back = wait_for(lambda: desired_on_broker(broker.url, a), what="re-published state")
-        assert back == msg2 and back.serial == 2
+    # A restart re-publishes what is current: the retained message comes back, byte for byte.
+    live.stop(api)
+    live.device.publish(f"fleet/v1/{a}/desired", b"", qos=1, retain=True).wait_for_publish(5)
+    assert desired_on_broker(broker.url, a) is None
+    api = live.start()
+    back = wait_for(lambda: desired_on_broker(broker.url, a), what="re-published state")
+    assert back == msg2 and back.serial == 2
 
-        # Retiring b empties its retained desired, status and reported topics; a keeps its own.
-        b_topics = [f"fleet/v1/{b}/{k}" for k in ("desired", "status", "reported")]
-        assert set(retained(broker.url, b_topics)) == set(b_topics)
-        assert api.post(f"/api/v1/devices/{b}/retire", json={"by": "ops"}).status_code == 200
-        wait_for(lambda: retained(broker.url, b_topics) == {}, what="b's retained topics cleared")
-        wait_for(lambda: not explain(api, b)["pending"], what="the clear marked published")
-        assert set(retained(broker.url, [f"fleet/v1/{a}/desired", f"fleet/v1/{a}/status"])) == {
-            f"fleet/v1/{a}/desired",
-            f"fleet/v1/{a}/status",
-        }
-        assert api.get(f"/api/v1/devices/{b}").json()["retired_at"] is not None
-    finally:
-        device.disconnect()
-        device.loop_stop()
+    # Retiring b empties its retained desired, status and reported topics; a keeps its own.
+    b_topics = [f"fleet/v1/{b}/{k}" for k in ("desired", "status", "reported")]
+    assert set(retained(broker.url, b_topics)) == set(b_topics)
+    assert api.post(f"/api/v1/devices/{b}/retire", json={"by": "ops"}).status_code == 200
+    wait_for(lambda: retained(broker.url, b_topics) == {}, what="b's retained topics cleared")
+    wait_for(lambda: not explain(api, b)["pending"], what="the clear marked published")
+    a_topics = [f"fleet/v1/{a}/{k}" for k in ("desired", "status", "reported")]
+    assert set(retained(broker.url, a_topics)) == set(a_topics)
+    assert api.get(f"/api/v1/devices/{b}").json()["retired_at"] is not None
 
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
-def test_release_key_rotation(
-    live: Callable[..., TestClient], broker: Mosquitto, tmp_path: Path, release: tuple[Path, PublicKey]
-) -> None:
+def test_release_key_rotation(live: Live, broker: Mosquitto, tmp_path: Path, release: tuple[Path, PublicKey]) -> None:
     old_key, old_pub = release
     new_key = tmp_path / "release-2.pem"
     new_pub = generate_private_key(new_key)
-    old_pub_file = Path(f"{old_key}.pub")
     a, c = f"veh-{uuid.uuid4().hex[:6]}", f"veh-{uuid.uuid4().hex[:6]}"
-    device = _client(broker.url, "devices")
-    try:
-        api = live()
-        announce(device, a, [])
-        announce(device, c, [])
-        assert push(api, CABIN).status_code == 201
-        api.post(f"/api/v1/models/{NAME}/1.0.0/stage", json={"stage": "production"})
-        first = wait_for(lambda: desired_on_broker(broker.url, a), what="first state")
-        assert verify_desired(first, [old_pub]) == old_pub.key_id
-        old_bundle = api.get(f"/api/v1/models/{NAME}/1.0.0/bundle").content
-        api.__exit__(None, None, None)
+    api = live.start()
+    live.announce(a, [])
+    live.announce(c, [])
+    assert push(api, CABIN).status_code == 201
+    api.post(f"/api/v1/models/{NAME}/1.0.0/stage", json={"stage": "production"})
+    first = wait_for(lambda: desired_on_broker(broker.url, a), what="a's first state")
+    first_c = wait_for(lambda: desired_on_broker(broker.url, c), what="c's first state")
+    assert verify_desired(first, [old_pub]) == verify_desired(first_c, [old_pub]) == old_pub.key_id
+    old_bundle = api.get(f"/api/v1/models/{NAME}/1.0.0/bundle").content
+    live.stop(api)
 
-        # Rotate: the new key signs, the old one stays published (devices pin both meanwhile).
-        api = live(release_key=new_key, release_public_keys=[old_pub_file])
-        keys = api.get("/api/v1/models/keys").json()
-        assert keys["release_key_id"] == new_pub.key_id
-        assert [k["key_id"] for k in keys["published"]] == [new_pub.key_id, old_pub.key_id]
-        assert (
-            push(api, variant(tmp_path, "1.1.0", parent="1.0.0")).json()["lineage"]["release_key_id"] == new_pub.key_id
-        )
-        assert (
-            api.put(f"/api/v1/devices/{a}/pin", json={"model_name": NAME, "model_version": "1.1.0"}).status_code == 200
-        )
-        new = wait_for(
-            lambda: (m := desired_on_broker(broker.url, a)) is not None and m.serial == 2 and m, what="new state"
-        )
-        both = [old_pub, new_pub]
-        assert verify_desired(new, both) == new_pub.key_id
-        with pytest.raises(SignatureError, match="not among"):
-            verify_desired(new, [old_pub])  # a device that pinned only the old key refuses it
-        new_bundle = api.get(f"/api/v1/models/{NAME}/1.1.0/bundle").content
-        assert load_bundle(new_bundle, both).key_id == new_pub.key_id
-        assert load_bundle(old_bundle, both).key_id == old_pub.key_id  # bundles keep the key they were stored with
-        # Unchanged states are re-published at start signed with the new key, same serial.
-        resigned = wait_for(
-            lambda: (
-                (m := desired_on_broker(broker.url, c)) is not None and verify_desired(m, both) == new_pub.key_id and m
-            ),
-            what="c's state re-signed",
-        )
-        assert (
-            resigned.serial == 1
-            and resigned.signed_bytes() == wait_for(lambda: desired_on_broker(broker.url, c)).signed_bytes()
-        )
-    finally:
-        device.disconnect()
-        device.loop_stop()
+    # Rotate: the new key signs, the old one stays published (devices pin both meanwhile).
+    api = live.start(release_key=new_key, release_public_keys=[Path(f"{old_key}.pub")])
+    keys = api.get("/api/v1/models/keys").json()
+    assert keys["release_key_id"] == new_pub.key_id
+    assert [k["key_id"] for k in keys["published"]] == [new_pub.key_id, old_pub.key_id]
+    pushed = push(api, variant(tmp_path, "1.1.0", parent="1.0.0")).json()
+    assert pushed["lineage"]["release_key_id"] == new_pub.key_id
+    r = api.put(f"/api/v1/devices/{a}/pin", json={"model_name": NAME, "model_version": "1.1.0"})
+    assert r.status_code == 200
+    new = wait_for(
+        lambda: (m := desired_on_broker(broker.url, a)) is not None and m.serial == 2 and m, what="new state"
+    )
+    both = [old_pub, new_pub]
+    assert verify_desired(new, both) == new_pub.key_id
+    with pytest.raises(SignatureError, match="not among"):
+        verify_desired(new, [old_pub])  # a device that pinned only the old key refuses it
+    new_bundle = api.get(f"/api/v1/models/{NAME}/1.1.0/bundle").content
+    assert load_bundle(new_bundle, both).key_id == new_pub.key_id
+    assert load_bundle(old_bundle, both).key_id == old_pub.key_id  # bundles keep the key they were stored with
+
+    # An unchanged state is re-published at start signed by the new key: same serial, same content.
+    resigned = wait_for(
+        lambda: (m := desired_on_broker(broker.url, c)) is not None and m.signature != first_c.signature and m,
+        what="c's state re-signed",
+    )
+    assert verify_desired(resigned, both) == new_pub.key_id
+    assert resigned.serial == 1 and resigned.signed_bytes() == first_c.signed_bytes()
