@@ -1,4 +1,4 @@
-"""The collector's FastAPI application: the ``lifespan`` starts the database and MQTT ingest.
+"""The collector's FastAPI application: the ``lifespan`` starts the database, MQTT ingest and desired-state publishing.
 
 Ingest (and later the scheduler) runs inside the one process that serves the API; running the
 app under ``uvicorn --workers N`` would start N ingest clients (ARCHITECTURE §9), so the
@@ -20,8 +20,13 @@ from collector import metrics as _metrics  # noqa: F401  (registers the collecto
 from collector.api.routes import api_router
 from collector.config import Settings, get_settings
 from collector.db.engine import make_engine, upgrade
+from collector.fleet.desired import DesiredStates
+from collector.fleet.publisher import DesiredPublisher
 from collector.monitoring.catalog import ReferenceCatalog
 from collector.monitoring.service import MonitoringService
+from collector.registry.keys import ReleaseKeys
+from collector.registry.service import Registry
+from collector.registry.store import FolderStore
 
 log = logging.getLogger(__name__)
 
@@ -46,13 +51,31 @@ def create_app(
         app.state.engine = engine
         # One catalog and service for every request (bundles are read and verified once).
         app.state.monitoring = MonitoringService(engine, ReferenceCatalog.from_settings(settings), settings)
+        keys = ReleaseKeys.from_settings(settings)
+        desired = DesiredStates(engine, base_url=settings.base_url)
+        app.state.desired = desired
+        app.state.registry = Registry(
+            engine,
+            FolderStore(settings.artefacts),
+            keys,
+            max_upload_bytes=settings.registry_max_upload_bytes,
+            on_change=desired.on_change,
+        )
         app.state.ingest = None
+        app.state.publisher = None
         if start_ingest:
             from collector.ingest import Ingest
 
             ingest = Ingest(settings, engine)
             ingest.start()
             app.state.ingest = ingest
+            if settings.desired_enabled:
+                publisher = DesiredPublisher(
+                    engine, desired, keys, ingest.mqtt, reconcile_s=settings.desired_reconcile_s
+                )
+                desired.notify = publisher.wake
+                publisher.start()
+                app.state.publisher = publisher
         app.state.jobs = None
         if run_jobs:
             from collector.jobs import start_jobs as start_scheduler
@@ -64,6 +87,8 @@ def create_app(
         finally:
             if app.state.jobs is not None:
                 app.state.jobs.shutdown(wait=True)
+            if app.state.publisher is not None:
+                app.state.publisher.stop()
             if app.state.ingest is not None:
                 app.state.ingest.stop()
             engine.dispose()

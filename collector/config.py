@@ -221,8 +221,9 @@ class Settings(BaseSettings):
     )
     alert_groups: list[str] = Field(
         default_factory=list,
-        description="Device groups (devices tagged group:<name>) also alerted on as a whole, per model version: "
-        "drift and accuracy of the group's merged window (as a JSON array in FLEET_ALERT_GROUPS).",
+        description="Device groups (fleetctl groups: members assigned or tagged group:<name>) also alerted on as a "
+        "whole, per model version: drift and accuracy of the group's merged window (as a JSON array in "
+        "FLEET_ALERT_GROUPS).",
     )
     alert_webhooks: list[str] = Field(
         default_factory=list,
@@ -292,10 +293,67 @@ class Settings(BaseSettings):
     monitoring_sequential_max_devices: int = Field(
         25_000, ge=1, description="Most devices whose detector streams are kept in memory (least recent dropped)."
     )
+    release_key: Path | None = Field(
+        None,
+        description="Ed25519 private key (PEM) of the collector's release key: every stored bundle is re-signed with "
+        "it and every desired state is signed with it. Without one (and without registry_dev_key) pushes are refused "
+        "with no_release_key and no desired state is published.",
+    )
+    release_public_keys: list[Path] = Field(
+        default_factory=list,
+        description="Public key files of every release key devices may trust (the current one is added from "
+        "release_key): published at GET /api/v1/models/keys, accepted on pushes. To rotate: list the new key here, "
+        "pin it on the devices beside the old one, then make it release_key (as a JSON array in "
+        "FLEET_RELEASE_PUBLIC_KEYS).",
+    )
+    registry_upload_keys: list[Path] = Field(
+        default_factory=list,
+        description="Public key files of the signers whose bundles a push accepts (trainers, CI), besides the release "
+        "keys (as a JSON array in FLEET_REGISTRY_UPLOAD_KEYS).",
+    )
+    registry_dev_key: bool = Field(
+        False,
+        description="Development and demo only: also accept pushes signed by the repository's development key "
+        "(collector/training/dev-release-key.pem) and, without release_key, use it as the release key.",
+    )
+    registry_max_upload_bytes: int = Field(
+        96 * 1024 * 1024,
+        ge=1024,
+        le=1024 * 1024 * 1024,
+        description="Largest bundle .tar a push may send (bytes); a larger body is refused with 413 (too_large) "
+        "before it is stored.",
+    )
+    artefact_dir: Path | None = Field(
+        None,
+        description="Folder of the content-addressed artefact store (bundles by sha256); default <data_dir>/artefacts.",
+    )
+    public_url: str | None = Field(
+        None,
+        description="Base URL devices reach this collector's API at (http:// or https://), for the artefact URLs of "
+        "desired states; default http://<http_host>:<http_port>.",
+    )
+    desired_enabled: bool = Field(
+        True,
+        description="Publish desired states (retained, on fleet/v1/<id>/desired) from this process, with ingest's "
+        "MQTT connection. Keep it on in exactly one replica.",
+    )
+    desired_reconcile_s: float = Field(
+        15.0,
+        gt=0,
+        description="How often every device's desired state is recomputed (group tags from status, new devices) and "
+        "changes not yet published are published; API changes are published at once.",
+    )
     auto_migrate: bool = Field(True, description="Upgrade the database schema to the newest migration at start.")
     http_host: str = Field("127.0.0.1", description="Address the HTTP API and dashboard listen on.")
     http_port: int = Field(8000, ge=1, le=65535, description="Port the HTTP API and dashboard listen on.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Logging level.")
+
+    @field_validator("public_url")
+    @classmethod
+    def _check_public_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value.rstrip("/") if value is not None else None
 
     @field_validator("mqtt_protocol", mode="before")
     @classmethod
@@ -320,6 +378,16 @@ class Settings(BaseSettings):
         if not self.database_url:
             self.database_url = f"sqlite:///{self.data_dir / 'fleet.db'}"
         return self
+
+    @property
+    def artefacts(self) -> Path:
+        """The artefact store's folder."""
+        return self.artefact_dir if self.artefact_dir is not None else self.data_dir / "artefacts"
+
+    @property
+    def base_url(self) -> str:
+        """The collector's public base URL (no trailing slash)."""
+        return self.public_url or f"http://{self.http_host}:{self.http_port}"
 
     @property
     def database(self) -> str:

@@ -138,6 +138,8 @@ def run(args: argparse.Namespace) -> int:
             FLEET_MQTT_URL=mqtt_url,
             FLEET_MQTT_PROTOCOL="5" if os.environ.get("FLEET_MQTT_URL") else "3.1.1",
             FLEET_DATA_DIR=str(workdir),
+            # The demo's bundles are signed with the development key; it also signs desired states here.
+            FLEET_REGISTRY_DEV_KEY="true",
         )
         collector_log = (workdir / "collector.log").open("wb")
         collector = subprocess.Popen(

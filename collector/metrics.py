@@ -110,3 +110,33 @@ SEQUENTIAL_STALE = Counter(
     "spool epoch or model (a late re-send).",
 )
 SEQUENTIAL_STREAMS = Gauge("fleet_monitoring_sequential_devices", "Devices whose sequential detector streams are live.")
+
+# Model registry (collector.registry) and desired states (collector.fleet).
+REGISTRY_PUSHES = Counter(
+    "fleet_registry_pushes_total",
+    "Bundle pushes, by outcome (stored: a new version; identical: the same content again; rejected).",
+    ["outcome"],
+)
+REGISTRY_REJECTIONS = Counter(
+    "fleet_registry_push_rejections_total",
+    "Bundle pushes refused, by reason (too_large, empty, bad_archive, unsigned, unknown_key, bad_signature, "
+    "hash_mismatch, bad_manifest, bad_model, bad_tensors, golden_mismatch, version_conflict, incomplete, ...).",
+    ["reason"],
+)
+REGISTRY_DOWNLOADS = Counter(
+    "fleet_registry_downloads_total", "Bundle download requests, by kind (full, range).", ["kind"]
+)
+DESIRED_PUBLISHED = Counter(
+    "fleet_desired_published_total",
+    "Desired-state publications confirmed by the broker, by kind (desired: a signed state; cleared: the retained "
+    "topics of a retired device emptied).",
+    ["kind"],
+)
+DESIRED_PUBLISH_FAILURES = Counter(
+    "fleet_desired_publish_failures_total",
+    "Desired-state publications not confirmed (retried at the next pass), by reason (not_connected, no_release_key, "
+    "timeout, error).",
+    ["reason"],
+)
+DESIRED_PENDING = Gauge("fleet_desired_pending", "Devices whose current desired state is not yet published.")
+DEVICES_RETIRED = Counter("fleet_devices_retired_total", "Devices retired.")

@@ -29,7 +29,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from collector import metrics
 from collector.config import Settings
 from shared import topics
-from shared.messages import Ack
+from shared.messages import Ack, Desired
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +98,24 @@ def _topic_text(msg: paho.MQTTMessage) -> str:
     except UnicodeDecodeError:
         # A broker should refuse such a topic; keep something printable for the quarantine row.
         return bytes(msg._topic).decode("utf-8", "replace")
+
+
+class Delivery:
+    """One QoS 1 publication in flight: :meth:`wait` tells whether the broker acknowledged it."""
+
+    def __init__(self, info: paho.MQTTMessageInfo) -> None:
+        self._info = info
+
+    def wait(self, timeout: float) -> bool:
+        """Block until the broker's PUBACK (or ``timeout``); True when the message was delivered to the broker."""
+        try:
+            self._info.wait_for_publish(max(0.0, timeout))
+            return self._info.is_published()
+        except (ValueError, RuntimeError):
+            return False
+
+
+RETAINED_BY_DEVICE: tuple[topics.Kind, ...] = (topics.Kind.DESIRED, topics.Kind.STATUS, topics.Kind.REPORTED)
 
 
 class CollectorMqtt:
@@ -234,6 +252,11 @@ class CollectorMqtt:
         metrics.MQTT_CONNECTED.set(0)
 
     @property
+    def session(self) -> int:
+        """Counts connections: it changes after every (re)connect."""
+        return self._session
+
+    @property
     def connected(self) -> bool:
         """True while connected and subscribed."""
         return self._connected.is_set() and self._subscribed.is_set()
@@ -319,3 +342,14 @@ class CollectorMqtt:
     def publish_ack(self, device_id: str, ack: Ack) -> None:
         """Publish ``ack`` on the device's ``ack`` topic (QoS 1)."""
         self.publish(topics.topic(device_id, topics.Kind.ACK), ack.model_dump_json(), qos=1)
+
+    def publish_desired(self, device_id: str, desired: Desired) -> Delivery:
+        """Publish a signed desired state retained on the device's ``desired`` topic (QoS 1)."""
+        info = self._client.publish(
+            topics.topic(device_id, topics.Kind.DESIRED), desired.model_dump_json(), qos=1, retain=True
+        )
+        return Delivery(info)
+
+    def clear_retained(self, device_id: str, kinds: tuple[topics.Kind, ...] = RETAINED_BY_DEVICE) -> list[Delivery]:
+        """Empty the device's retained topics (an empty retained payload makes the broker forget the message)."""
+        return [Delivery(self._client.publish(topics.topic(device_id, k), b"", qos=1, retain=True)) for k in kinds]

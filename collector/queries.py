@@ -54,12 +54,14 @@ def _count(session: Session, stmt: Any) -> int:
 
 
 def list_devices(
-    session: Session, *, limit: int, cursor: str | None = None, status: str | None = None
+    session: Session, *, limit: int, cursor: str | None = None, status: str | None = None, retired: bool | None = None
 ) -> tuple[list[Device], int, str | None]:
     """Devices ordered by id: ``(page, total, next cursor)``."""
     base = select(Device)
     if status is not None:
         base = base.where(Device.status == status)
+    if retired is not None:
+        base = base.where(col(Device.retired_at).is_not(None) if retired else col(Device.retired_at).is_(None))
     total = _count(session, base)
     stmt = base.order_by(col(Device.id))
     if cursor is not None:

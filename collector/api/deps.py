@@ -13,6 +13,9 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
 from collector.config import Settings
+from collector.fleet.desired import DesiredStates
+from collector.registry.errors import RegistryError
+from collector.registry.service import Registry
 
 MAX_PAGE = 1000
 UNPROCESSABLE = 422  # the constant was renamed across Starlette versions
@@ -90,3 +93,27 @@ class TimeRange:
 TimeRangeDep = Annotated[TimeRange, Depends()]
 LimitQuery = Annotated[int, Query(ge=1, le=MAX_PAGE, description="page size")]
 CursorQuery = Annotated[str | None, Query(description="the `next` value of the previous page")]
+
+
+_STATUS = {"invalid": UNPROCESSABLE, "too_large": 413, "conflict": 409, "not_found": 404, "unavailable": 503}
+
+
+def refused(exc: RegistryError) -> HTTPException:
+    """A registry or fleet refusal as an HTTP error whose ``detail`` is ``{"reason", "message"}``."""
+    return HTTPException(_STATUS[exc.kind], exc.to_dict())
+
+
+def get_registry(request: Request) -> Registry:
+    """The app's registry service."""
+    registry: Registry = request.app.state.registry
+    return registry
+
+
+def get_desired(request: Request) -> DesiredStates:
+    """The app's desired-state service."""
+    desired: DesiredStates = request.app.state.desired
+    return desired
+
+
+RegistryDep = Annotated[Registry, Depends(get_registry)]
+DesiredDep = Annotated[DesiredStates, Depends(get_desired)]

@@ -56,6 +56,8 @@ class DevicePublic(BaseModel):
     tags: list[str]
     records: int
     declared_lost: int
+    retired_at: float | None = Field(None, description="when the device was retired (null: in service)")
+    retired_by: str | None = None
 
 
 class InferencePublic(BaseModel):

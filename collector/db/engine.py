@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -124,3 +126,21 @@ def current_revision(engine: Engine) -> str | None:
 
     with engine.connect() as conn:
         return MigrationContext.configure(conn).get_current_revision()
+
+
+# Serialises every change of desired-state inputs (pins, stages, groups, rollouts) with the serials they
+# bump, across API requests, jobs and replicas; SQLite's BEGIN IMMEDIATE serialises writers anyway.
+DESIRED_LOCK_KEY = 0x666C656564  # "fleed"
+
+
+@contextmanager
+def write_transaction(engine: Engine, *, desired_lock: bool = False) -> Iterator[Connection]:
+    """A connection inside one write transaction, committed on success.
+
+    SQLite: ``BEGIN IMMEDIATE`` (the write lock up front, so it never fails half-way beside ingest).
+    PostgreSQL with ``desired_lock``: the transaction first takes the desired-state advisory lock.
+    """
+    with engine.connect().execution_options(sqlite_begin="IMMEDIATE") as conn, conn.begin():
+        if desired_lock and conn.dialect.name == "postgresql":
+            conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": DESIRED_LOCK_KEY})
+        yield conn

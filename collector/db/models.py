@@ -55,6 +55,8 @@ class Device(SQLModel, table=True):
     reported_at: float | None = Field(None, sa_type=sa.Double())
     records: int = Field(0, sa_type=sa.BigInteger(), description="inference records stored")
     declared_lost: int = Field(0, sa_type=sa.BigInteger(), description="records the device declared lost")
+    retired_at: float | None = Field(None, sa_type=sa.Double(), description="set when retired (never deleted)")
+    retired_by: str | None = Field(None, sa_type=sa.String(NAME_LEN))
 
 
 class Inference(SQLModel, table=True):
@@ -308,3 +310,135 @@ class SequentialAlarm(SQLModel, table=True):
     ts: float = Field(sa_type=sa.Double(), description="collector-corrected time of that record")
     detail: dict[str, Any] = Field(default_factory=dict, sa_type=JSONType)
     received_at: float = Field(sa_type=sa.Double())
+
+
+# ------------------------------------------------------------------------------------ registry
+
+
+class ModelVersion(SQLModel, table=True):
+    """One pushed bundle version: where its re-signed tar is stored, its stage and its lineage.
+
+    ``sha256``/``size`` are of the tar as stored and served (re-signed with the release key);
+    ``manifest_sha256`` identifies the content (the manifest carries the model's hash), so a push of
+    the same manifest again is recognised whoever signed it.
+    """
+
+    __tablename__ = "model_version"
+    __table_args__ = (
+        sa.UniqueConstraint("name", "version", name="uq_model_version_name_version"),
+        sa.Index("ix_model_version_name_stage", "name", "stage"),
+    )
+
+    id: int | None = Field(None, primary_key=True, sa_type=BigId)
+    name: str = Field(sa_type=sa.String(NAME_LEN))
+    version: str = Field(sa_type=sa.String(NAME_LEN))
+    stage: str = Field(sa_type=sa.String(16), description="candidate | production | archived")
+    sha256: str = Field(sa_type=sa.String(64), description="of the stored (re-signed) tar: the content address")
+    size: int = Field(sa_type=sa.BigInteger(), description="bytes of the stored tar")
+    manifest_sha256: str = Field(sa_type=sa.String(64))
+    model_sha256: str = Field(sa_type=sa.String(64))
+    manifest: dict[str, Any] = Field(default_factory=dict, sa_type=JSONType)
+    uploader_key_id: str = Field(sa_type=sa.String(64), description="key that signed the pushed bundle")
+    release_key_id: str = Field(sa_type=sa.String(64), description="release key the stored bundle is signed with")
+    dataset_version: str | None = Field(None, sa_type=sa.String(NAME_LEN))
+    dataset_sha256: str | None = Field(None, sa_type=sa.String(64))
+    code_version: str | None = Field(None, sa_type=sa.Text())
+    parent_version: str | None = Field(None, sa_type=sa.String(NAME_LEN))
+    metrics: dict[str, Any] = Field(default_factory=dict, sa_type=JSONType)
+    created_at: float = Field(sa_type=sa.Double(), description="the manifest's created_at")
+    pushed_at: float = Field(sa_type=sa.Double())
+    pushed_by: str = Field(sa_type=sa.String(NAME_LEN))
+    stage_changed_at: float = Field(sa_type=sa.Double())
+
+
+class ModelStageChange(SQLModel, table=True):
+    """One stage transition of a model version (the first row is the push: from NULL to candidate)."""
+
+    __tablename__ = "model_stage_change"
+    __table_args__ = (sa.Index("ix_model_stage_change_version", "name", "version", "at"),)
+
+    id: int | None = Field(None, primary_key=True, sa_type=BigId)
+    name: str = Field(sa_type=sa.String(NAME_LEN))
+    version: str = Field(sa_type=sa.String(NAME_LEN))
+    from_stage: str | None = Field(None, sa_type=sa.String(16))
+    to_stage: str = Field(sa_type=sa.String(16))
+    at: float = Field(sa_type=sa.Double())
+    by: str = Field(sa_type=sa.String(NAME_LEN))
+    note: str | None = Field(None, sa_type=sa.Text())
+
+
+class ModelPin(SQLModel, table=True):
+    """A version pinned for one device or one group (``scope``), whatever the stages and rollouts say."""
+
+    __tablename__ = "model_pin"
+
+    scope: str = Field(primary_key=True, sa_type=sa.String(16), description="device | group")
+    subject: str = Field(primary_key=True, sa_type=sa.String(NAME_LEN), description="device id or group name")
+    model_name: str = Field(sa_type=sa.String(NAME_LEN))
+    model_version: str = Field(sa_type=sa.String(NAME_LEN))
+    pinned_at: float = Field(sa_type=sa.Double())
+    pinned_by: str = Field(sa_type=sa.String(NAME_LEN))
+    note: str | None = Field(None, sa_type=sa.Text())
+
+
+# ------------------------------------------------------------------------- groups and desired state
+
+
+class DeviceGroup(SQLModel, table=True):
+    """A group created explicitly (groups named only by devices' ``group:<name>`` tags have no row)."""
+
+    __tablename__ = "device_group"
+
+    name: str = Field(primary_key=True, sa_type=sa.String(ID_LEN))
+    description: str = Field("", sa_type=sa.Text())
+    priority: int = Field(0, sa_type=sa.Integer(), description="higher wins when two group pins disagree")
+    created_at: float = Field(sa_type=sa.Double())
+    created_by: str = Field(sa_type=sa.String(NAME_LEN))
+
+
+class GroupMember(SQLModel, table=True):
+    """A device assigned to a group explicitly (API or fleetctl); tags add members without rows."""
+
+    __tablename__ = "group_member"
+    __table_args__ = (sa.Index("ix_group_member_device", "device_id"),)
+
+    group_name: str = Field(primary_key=True, sa_type=sa.String(ID_LEN))
+    device_id: str = Field(primary_key=True, sa_type=sa.String(ID_LEN))
+    added_at: float = Field(sa_type=sa.Double())
+    added_by: str = Field(sa_type=sa.String(NAME_LEN))
+
+
+class RolloutAssignment(SQLModel, table=True):
+    """What a rollout wants one device to run: an active version, a shadow version, or both."""
+
+    __tablename__ = "rollout_assignment"
+    __table_args__ = (sa.Index("ix_rollout_assignment_rollout", "rollout_id"),)
+
+    device_id: str = Field(primary_key=True, sa_type=sa.String(ID_LEN))
+    rollout_id: str = Field(sa_type=sa.String(ID_LEN))
+    model_name: str | None = Field(None, sa_type=sa.String(NAME_LEN))
+    model_version: str | None = Field(None, sa_type=sa.String(NAME_LEN))
+    shadow_name: str | None = Field(None, sa_type=sa.String(NAME_LEN))
+    shadow_version: str | None = Field(None, sa_type=sa.String(NAME_LEN))
+    assigned_at: float = Field(sa_type=sa.Double())
+
+
+class DeviceDesired(SQLModel, table=True):
+    """The desired state last resolved for a device and how far its publication got.
+
+    ``document`` is the :class:`shared.messages.Desired` without its signature (signed when published,
+    with the current release key); ``serial`` grows with every change of it. ``clear`` marks a retired
+    device whose retained topics are to be emptied. Published when ``published_serial < serial``.
+    """
+
+    __tablename__ = "device_desired"
+
+    device_id: str = Field(primary_key=True, sa_type=sa.String(ID_LEN))
+    serial: int = Field(sa_type=sa.BigInteger(), sa_column_kwargs={"autoincrement": False})
+    document: dict[str, Any] = Field(default_factory=dict, sa_type=JSONType)
+    source: str = Field(sa_type=sa.String(16), description="device_pin | rollout | group_pin | production | none")
+    explanation: list[dict[str, Any]] = Field(default_factory=list, sa_type=JSONType)
+    clear: bool = Field(False, sa_type=sa.Boolean())
+    updated_at: float = Field(sa_type=sa.Double())
+    published_serial: int | None = Field(None, sa_type=sa.BigInteger())
+    published_at: float | None = Field(None, sa_type=sa.Double())

@@ -12,6 +12,7 @@ on the API's shapes (ARCHITECTURE §7). The API is found at ``FLEET_API_URL`` (d
 from __future__ import annotations
 
 import argparse
+import getpass
 import importlib
 import json
 import logging
@@ -40,7 +41,7 @@ class Client:
     def __init__(self, base_url: str, token: str | None = None, timeout: float = 30.0) -> None:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.base_url = base_url.rstrip("/")
-        self._http = httpx.Client(base_url=f"{self.base_url}/api/v1", headers=headers, timeout=timeout)
+        self.http = httpx.Client(base_url=f"{self.base_url}/api/v1", headers=headers, timeout=timeout)
 
     def get(self, path: str, **params: Any) -> Any:
         """GET ``path`` with the non-empty ``params``; return the decoded JSON body."""
@@ -50,20 +51,23 @@ class Client:
         """POST ``body`` as JSON to ``path``; return the decoded JSON body."""
         return self.request("POST", path, params=params, json=body)
 
+    def put(self, path: str, body: Any = None) -> Any:
+        """PUT ``body`` as JSON to ``path``; return the decoded JSON body."""
+        return self.request("PUT", path, json=body)
+
+    def delete(self, path: str) -> None:
+        """DELETE ``path``."""
+        self.request("DELETE", path)
+
     def request(self, method: str, path: str, *, params: dict[str, Any] | None = None, **kwargs: Any) -> Any:
         """Send one request; an error status or an unreachable collector raises :class:`ApiError`."""
         clean = {k: v for k, v in (params or {}).items() if v is not None}
         try:
-            response = self._http.request(method, path, params=clean, **kwargs)
+            response = self.http.request(method, path, params=clean, **kwargs)
         except httpx.HTTPError as exc:
             raise ApiError(f"cannot reach the collector at {self.base_url}: {exc}") from None
-        if response.status_code >= 400:
-            try:
-                detail = response.json().get("detail", response.text)
-            except ValueError:
-                detail = response.text
-            raise ApiError(f"{response.status_code} from {method} {path}: {detail}")
-        return response.json()
+        check(response, method, path)
+        return response.json() if response.content else None
 
     def items(self, path: str, limit: int | None, **params: Any) -> dict[str, Any]:
         """All items of a list endpoint, following ``next`` cursors until ``limit`` items are collected."""
@@ -78,6 +82,31 @@ class Client:
             if cursor is None or (limit is not None and len(collected) >= limit):
                 break
         return {"items": collected, "total": page.get("total", len(collected)), "next": cursor}
+
+
+def error_detail(response: httpx.Response) -> str:
+    """The API's ``detail`` as text: ``reason: message`` for a structured refusal."""
+    try:
+        detail = response.json().get("detail", response.text)
+    except (ValueError, AttributeError):
+        return response.text
+    if isinstance(detail, dict) and "reason" in detail:
+        return f"{detail['reason']}: {detail.get('message', '')}"
+    return str(detail)
+
+
+def check(response: httpx.Response, method: str, path: str) -> None:
+    """Raise :class:`ApiError` for an error status."""
+    if response.status_code >= 400:
+        raise ApiError(f"{response.status_code} from {method} {path}: {error_detail(response)}")
+
+
+def login() -> str:
+    """The operator's login name (recorded as who did something), or ``operator`` when there is none."""
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no user name in the environment or the password database (containers)
+        return "operator"
 
 
 def when(value: float | str | None) -> str:

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import getpass
 import json
 from typing import Any
 
-from collector.fleetctl import Client, emit, table, when
+from collector.fleetctl import Client, emit, login, table, when
 
 
 def alerts_list(client: Client, args: argparse.Namespace) -> None:
@@ -55,16 +54,9 @@ def alerts_show(client: Client, args: argparse.Namespace) -> None:
     emit(args, client.get(f"/alerts/{args.id}"), _render_alert)
 
 
-def _login() -> str:
-    try:
-        return getpass.getuser()
-    except (KeyError, OSError):  # no user name in the environment or the password database (containers)
-        return "operator"
-
-
 def alerts_ack(client: Client, args: argparse.Namespace) -> None:
     """Acknowledge an alert: someone is on it (it resolves by itself once the condition clears)."""
-    data = client.post(f"/alerts/{args.id}/ack", {"by": args.by or _login(), "note": args.note})
+    data = client.post(f"/alerts/{args.id}/ack", {"by": args.by or login(), "note": args.note})
     emit(args, data, lambda d: f"alert {d['id']} {d['state']} by {d['acked_by']} at {when(d['acked_at'])}")
 
 

@@ -212,7 +212,7 @@ def drift_status(client: Client, args: argparse.Namespace) -> None:
 def _register_status(drift: Any, common: argparse.ArgumentParser) -> None:
     p = drift.add_parser("status", parents=[common], help="drift, expected accuracy and data quality of a scope")
     p.add_argument("--device-id", action="append", help="a device (repeat for several)")
-    p.add_argument("--group", help="devices tagged group:GROUP")
+    p.add_argument("--group", help="members of GROUP (assigned, or tagged group:GROUP)")
     p.add_argument("--model-name")
     p.add_argument("--model-version")
     p.add_argument("--role", choices=["active", "shadow", "any"], default="active")

@@ -244,7 +244,7 @@ def register(groups: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--model-name")
     p.add_argument("--model-version")
     p.add_argument("--device-id")
-    p.add_argument("--group", help="devices tagged group:<GROUP>")
+    p.add_argument("--group", help="members of GROUP (assigned, or tagged group:GROUP)")
     p.add_argument("--role", default="active", choices=("active", "shadow"))
     p.add_argument("--since", help="ISO 8601 or seconds since the epoch (record time, inclusive)")
     p.add_argument("--until", help="ISO 8601 or seconds since the epoch (exclusive)")

@@ -26,8 +26,9 @@ Every statistic comes with its threshold and verdict, and a test with too few re
 sketches (ingest cannot bin them): their records are counted from ``inference`` and reported with
 the reason there is no verdict.
 
-Groups: until the registry has a groups table, a device belongs to group ``G`` when its reported
-tags contain ``group:G``; :func:`resolve_devices` is the only place that knows this.
+Groups: a device belongs to group ``G`` when it was assigned to it (``fleetctl groups assign``) or its
+reported tags contain ``group:G`` (:mod:`collector.fleet.groups`); :func:`resolve_devices` is the only
+place here that asks.
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session
 
 from collector.config import Settings
-from collector.db.models import Device, Inference, MonitoringWindow
+from collector.db.models import Inference, MonitoringWindow
+from collector.fleet.groups import members_of
 from collector.labels import label_stats
 from collector.monitoring import performance
 from collector.monitoring.catalog import CatalogEntry, ReferenceCatalog
@@ -56,8 +58,6 @@ log = logging.getLogger(__name__)
 
 WINDOW_TABLE = MonitoringWindow.__table__  # type: ignore[attr-defined]
 INFERENCE_TABLE = Inference.__table__  # type: ignore[attr-defined]
-DEVICE_TABLE = Device.__table__  # type: ignore[attr-defined]
-GROUP_TAG = "group:"
 IN_CHUNK = 500  # bounded IN lists
 
 Verdict = Literal["drift", "ok", "not_enough_data", "no_reference"]
@@ -72,17 +72,15 @@ def resolve_devices(
 ) -> list[str] | None:
     """Devices of a scope, sorted: ``None`` means every device (no filter).
 
-    ``group`` selects the devices whose reported tags contain ``group:<group>``; with ``device_ids``
-    too, the devices in both. An unknown group gives an empty list (a scope with no device), never
-    the whole fleet. Tags are matched in Python: they are a JSON list, queried differently by every
-    database, and the registry's groups table will replace this one function.
+    ``group`` selects the group's members (:func:`collector.fleet.groups.members_of`: assigned, or
+    tagged ``group:<group>``; retired devices are in no group); with ``device_ids`` too, the devices in
+    both. An unknown group gives an empty list (a scope with no device), never the whole fleet.
     """
     ids = None if device_ids is None else sorted(set(device_ids))
     if group is None:
         return ids
-    tag = f"{GROUP_TAG}{group}"
-    rows = session_or_conn.execute(sa.select(DEVICE_TABLE.c.id, DEVICE_TABLE.c.tags)).all()
-    members = sorted(str(r[0]) for r in rows if isinstance(r[1], list) and tag in r[1])
+    conn = session_or_conn.connection() if isinstance(session_or_conn, Session) else session_or_conn
+    members = members_of(conn, group)
     if ids is not None:
         wanted = set(ids)
         members = [d for d in members if d in wanted]

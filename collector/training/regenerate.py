@@ -56,6 +56,7 @@ REFERENCE_EVERY_S = 8.0
 REFERENCE_SEED = 2
 
 
+
 def generate_dataset(
     out: Path = DATASET,
     *,

@@ -16,7 +16,22 @@ from collector.config import ConfigError, Settings, get_settings, load_settings
 from collector.db import make_engine, normalise_url, upgrade
 from collector.db.engine import alembic_config, current_revision
 
-TABLES = {"device", "inference", "ingest_batch", "declared_gap", "quarantine", "device_event", "alembic_version"}
+TABLES = {
+    "device",
+    "inference",
+    "ingest_batch",
+    "declared_gap",
+    "quarantine",
+    "device_event",
+    "model_version",
+    "model_stage_change",
+    "model_pin",
+    "device_group",
+    "group_member",
+    "rollout_assignment",
+    "device_desired",
+    "alembic_version",
+}
 
 
 def _head() -> str:

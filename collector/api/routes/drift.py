@@ -236,7 +236,7 @@ class DriftPage(_Out):
 def _scope(
     window: TimeRangeDep,
     device_id: Annotated[list[str] | None, Query(description="device id; repeat for several")] = None,
-    group: Annotated[str | None, Query(description="devices tagged group:<group>")] = None,
+    group: Annotated[str | None, Query(description="members of the group: assigned, or tagged group:<group>")] = None,
     model_name: str | None = None,
     model_version: str | None = None,
     role: Annotated[Literal["active", "shadow", "any"], Query(description="records of this role")] = "active",

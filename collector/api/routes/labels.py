@@ -232,13 +232,13 @@ def accuracy(
     model_name: str | None = None,
     model_version: str | None = None,
     device_id: str | None = None,
-    group: Annotated[str | None, Query(description="devices whose tags hold group:<group>")] = None,
+    group: Annotated[str | None, Query(description="members of the group: assigned, or tagged group:<group>")] = None,
     role: Annotated[str, Query(description="active or shadow")] = "active",
     level: Annotated[float, Query(gt=0.5, lt=1.0, description="confidence level of the intervals")] = 0.95,
 ) -> Page[AccuracyOut]:
     """Per model version: realized accuracy on late labels, the label-free estimate on the same records, the gap.
 
-    Records are selected by device (id and/or group: the devices tagged ``group:<group>``) and by their
+    Records are selected by device (id and/or group: its members, assigned or tagged ``group:<group>``) and by their
     corrected time (``since`` inclusive, ``until`` exclusive); an unknown group selects no record.
     """
     devices = resolve_devices(session, device_ids=None if device_id is None else [device_id], group=group)
