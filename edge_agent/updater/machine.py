@@ -47,7 +47,7 @@ from edge_agent.updater.conditions import (
     first_blocked,
 )
 from edge_agent.updater.download import Downloader, DownloadError, DownloadSettings, Interrupted
-from edge_agent.updater.store import ModelSlot, Target, UpdateRecord, UpdateStore
+from edge_agent.updater.store import ModelSlot, Target, UpdateRecord, UpdateStore, write_atomic
 from shared.bundle import Bundle, BundleError, bundle_bytes, load_bundle, run_golden
 from shared.messages import Desired, DesiredArtefact, DeviceEvent
 from shared.signing import PublicKey, SignatureError, verify_desired
@@ -774,7 +774,7 @@ class Updater:
 
     def _pause(self) -> None:
         log.warning("TEST HOOK: updater paused in %s until the agent stops", self.record.state.value)
-        (self.store.folder / "paused").write_text(self.record.state.value)
+        write_atomic(self.store.folder / "paused", self.record.state.value.encode())
         self.stop_event.wait()
         raise Stopping()
 
