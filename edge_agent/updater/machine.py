@@ -496,7 +496,7 @@ class Updater:
             )
         if r.reason and (new in (State.FAILURE, State.DEFERRED, State.INCOMPATIBLE) or new in TERMINAL_STATES):
             data.update(reason=r.reason, error=r.error)
-        if self._shadow_summary:
+        if self._shadow_summary and old is State.SHADOWING:
             data["shadow"] = dict(self._shadow_summary)
         log.info(
             "update %s -> %s (%s)%s",
