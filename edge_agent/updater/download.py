@@ -107,6 +107,12 @@ class Downloader:
         """Download ``url`` (exactly ``size`` bytes) to ``final`` via ``part``; raise DownloadError."""
         if final.exists() and final.stat().st_size == size:
             return final
+        try:
+            scheme = httpx.URL(url).scheme
+        except httpx.InvalidURL as exc:
+            raise DownloadError(Reason.DOWNLOAD_FAILED, f"invalid URL {url!r}: {exc}") from None
+        if scheme not in ("http", "https"):
+            raise DownloadError(Reason.DOWNLOAD_FAILED, f"URL {url!r} is not http(s)")
         part.parent.mkdir(parents=True, exist_ok=True)
         failures = 0
         last_error = ""

@@ -672,6 +672,10 @@ class Updater:
             return
         if t.origin == "desired" and t.serial is not None and t.sha256 is not None:
             r.handled[t.slot] = (t.serial, t.sha256)
+        wanted = self.wanted
+        if t.origin == "local" and new is State.COMMITTED and wanted is not None and wanted.model is not None:
+            # A local install stays until the collector publishes a newer desired state.
+            r.handled["active"] = (wanted.serial, wanted.model.sha256)
         if new is State.COMMITTED:
             self.counters.committed += 1
             r.previous = None

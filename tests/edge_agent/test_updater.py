@@ -161,6 +161,10 @@ def test_truncated_downloads_are_rejected_with_their_reason(server: ArtefactServ
     with pytest.raises(DownloadError) as err:
         fetch(f"http://127.0.0.1:{server.port}/missing.tar", tmp_path / "4", len(data))
     assert err.value.reason == Reason.HTTP_ERROR and "404" in err.value.detail
+    for url in ("ftp://127.0.0.1/x.tar", "http://[::1"):
+        with pytest.raises(DownloadError) as err:
+            fetch(url, tmp_path / "5", len(data))
+        assert err.value.reason == Reason.DOWNLOAD_FAILED
 
 
 def test_the_throttle_keeps_the_average_rate_under_the_cap() -> None:
