@@ -178,6 +178,11 @@ def test_bad_artefacts_are_rejected_on_the_device_with_specific_reasons(
             ),
         ),
     }
+    lying = [case.model_dump() for case in BASE.golden]
+    lying[0]["probabilities"] = list(reversed(lying[0]["probabilities"]))  # signed, but the model disagrees
+    cases[Reason.SELF_TEST_FAILED] = serve(
+        server, make_bundle(tmp_path / "liar.tar", key, version="1.3.5", golden=lying)
+    )
     short = make_bundle(tmp_path / "short.tar", key, version="1.3.4")
     data = short.read_bytes()
     cases[Reason.TRUNCATED_DOWNLOAD] = artefact(
