@@ -77,6 +77,8 @@ REPORT_INTERVAL_S = 1.0
 MIN_LATENCY_RECORDS = 20
 MAX_WATCH_INFERENCE_ERRORS = 3
 HANDLED_STATES = frozenset(PROGRESS_STATES)
+MAX_THREAD_FAILURES = 10
+THREAD_RETRY_S = 5.0
 BUNDLE_FILE = "bundle.tar"
 
 
@@ -376,27 +378,40 @@ class Updater:
     # ------------------------------------------------------------------------------ driver
 
     def _run(self) -> None:
-        try:
-            self._reconcile()
-            while not self.stop_event.is_set():
-                self._drain_desired()
-                if self.record.state in self.handlers:
-                    self.step()
-                    continue
-                job = self._next_job()
-                if job is None and self.record.state is State.DEFERRED and self._wanted_job() is None:
-                    self.transition(Event.RESET)  # what was deferred is no longer wanted
-                    continue
-                if job is None:
-                    self._wake.wait(POLL_S)
-                    self._wake.clear()
-                    continue
-                self._start_job(job)
-        except Stopping:
-            pass
-        except Exception:
-            # The updater must never take the agent down: the model keeps running; log loudly.
-            log.exception("updater thread failed; updates are stopped until the agent restarts")
+        failures = 0
+        while not self.stop_event.is_set():
+            try:
+                self._reconcile()
+                self._loop()
+            except Stopping:
+                return
+            except Exception:
+                # The updater must never take the agent down (the model keeps running); a disk that
+                # refuses the record, say, is retried, a while, then updates wait for a restart.
+                failures += 1
+                if failures >= MAX_THREAD_FAILURES:
+                    log.exception("updater failed %d times; updates stop until the agent restarts", failures)
+                    return
+                log.exception("updater failed (%d in a row); retrying in %.0f s", failures, THREAD_RETRY_S)
+                if self.stop_event.wait(THREAD_RETRY_S):
+                    return
+                self.record = self.store.load()
+
+    def _loop(self) -> None:
+        while not self.stop_event.is_set():
+            self._drain_desired()
+            if self.record.state in self.handlers:
+                self.step()
+                continue
+            job = self._next_job()
+            if job is None and self.record.state is State.DEFERRED and self._wanted_job() is None:
+                self.transition(Event.RESET)  # what was deferred is no longer wanted
+                continue
+            if job is None:
+                self._wake.wait(POLL_S)
+                self._wake.clear()
+                continue
+            self._start_job(job)
 
     def run_local(self, bundle: Path, request_id: str | None = None) -> dict[str, Any]:
         """Drive one local install to its end in the calling thread (`model install` with no agent)."""
