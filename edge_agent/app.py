@@ -1,10 +1,17 @@
 """The agent's wiring: start in order, run the main loop, stop in reverse, draining.
 
-Start order: configuration (given), bundle and engine (verified, golden self-test), spool
-(crash recovery), sensor source, uplink, then the main loop and the status writer threads. Stop
-runs the other way: the main loop ends, the spool is flushed, the uplink publishes ``stopped``,
-the source is released and the spool closed (lowering its seq reservation, so a clean restart
-declares no crash gap). All threads are named and share one stop event; SIGTERM and SIGINT set it.
+Start order: configuration (given), the state-directory lock, the update record (which model to
+load: the configured bundle, or the one the updater installed), bundle and engine (verified,
+golden self-test), spool (crash recovery), sensor source, updater (not yet running), uplink, then
+the main loop, the status writer and the updater threads. Stop runs the other way: the updater
+stops (its state persisted where it is), the main loop ends, the spool is flushed, the uplink
+publishes ``stopped``, the source is released and the spool closed (lowering its seq reservation,
+so a clean restart declares no crash gap), then the lock is released. All threads are named and
+share one stop event; SIGTERM and SIGINT set it.
+
+The main loop is the only thread that touches the active and shadow interpreters: the updater
+hands it changes (swap the engine, start or stop a shadow, run the golden self-test on the live
+interpreter) through :meth:`Agent.run_in_loop`, executed between two inferences.
 
 Two loops feed the same inference, spool and uplink path:
 
@@ -24,15 +31,18 @@ import json
 import logging
 import math
 import os
+import queue
 import threading
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+import httpx
 import numpy as np
 from pydantic import BaseModel
 
@@ -41,15 +51,18 @@ from edge_agent.inference import Engine
 from edge_agent.labels import LateLabels
 from edge_agent.sensors.base import Observation, Source, SourceExhausted
 from edge_agent.spool import ReplayCursor, Spool
+from edge_agent.updater.machine import Updater, prepare_start, read_artefact
+from edge_agent.updater.store import ModelSlot, StateLock, UpdateStore
 from edge_agent.uplink import Uplink
-from shared.bundle import Bundle, load_bundle
+from shared.bundle import Bundle, BundleError, load_bundle
 from shared.codec import NO_LABEL
 from shared.features import FeaturePipeline
-from shared.messages import ModelRef, Reported, Status
+from shared.messages import DeviceEvent, ModelRef, Reported, Status
 from shared.profile import HardwareProfile
-from shared.signing import load_public_keys
+from shared.signing import PublicKey, load_public_keys
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 HardwareFactory = Callable[[AgentConfig, HardwareProfile], Source]
 
@@ -66,6 +79,11 @@ RELOADABLE: dict[str, frozenset[str]] = {
 }
 MAX_CONSECUTIVE_ERRORS = 50
 REPLAY_CHUNK_ROWS = 500
+LOCK_WAIT_S = 120.0  # `model install` may hold the state directory for a few seconds
+
+
+class StateDirBusy(RuntimeError):
+    """Another process (an agent, or `model install`) holds the state directory."""
 
 
 def agent_version() -> str:
@@ -80,6 +98,24 @@ def load_configured_bundle(config: AgentConfig) -> Bundle:
     """Load and verify the configured bundle against the pinned keys (raises ``BundleError``)."""
     keys = load_public_keys(list(config.model.trusted_keys))
     return load_bundle(Path(config.model.bundle), keys)
+
+
+def configured_slot(config: AgentConfig, keys: list[PublicKey], bundle: Bundle | None = None) -> ModelSlot | None:
+    """The configured bundle as the updater's fallback slot (None when it cannot be read)."""
+    path = Path(config.model.bundle)
+    try:
+        data = read_artefact(path)
+        manifest = bundle.manifest if bundle is not None else load_bundle(data, keys, check_tensors=False).manifest
+    except (OSError, BundleError) as exc:
+        log.warning("configured bundle %s is unusable as a fallback: %s", path, exc)
+        return None
+    return ModelSlot(
+        name=manifest.name,
+        version=manifest.version,
+        sha256=hashlib.sha256(data).hexdigest(),
+        path=str(path),
+        configured=True,
+    )
 
 
 def file_identity(path: Path) -> str:
@@ -112,6 +148,9 @@ class LoopCounters:
     late_labels: int = 0
     replay_rows: int = 0
     replay_bad_rows: int = 0
+    shadow_records: int = 0
+    shadow_agree: int = 0
+    shadow_errors: int = 0
 
 
 class Agent:
@@ -127,6 +166,8 @@ class Agent:
         stop_event: threading.Event | None = None,
         progress: Callable[[], None] | None = None,
         make_hardware: HardwareFactory | None = None,
+        http: httpx.Client | None = None,
+        download_slots: threading.Semaphore | None = None,
     ) -> None:
         self.config = config
         self.device_id = config.device.id
@@ -156,6 +197,14 @@ class Agent:
         self.uplink: Uplink | None = None
         self.labels: LateLabels | None = None
         self._replay_source: Any = None
+        self.live = True  # a main loop runs inferences (the updater's host protocol)
+        self.shadow: Engine | None = None
+        self.updater: Updater | None = None
+        self._http = http
+        self._download_slots = download_slots
+        self._loop_tasks: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]]] = queue.SimpleQueue()
+        self._loop_thread: threading.Thread | None = None
+        self._lock = StateLock(config.state_dir)
 
     # -------------------------------------------------------------------------------- start
 
@@ -163,16 +212,27 @@ class Agent:
         """Start every part in order; on failure, stop what was started and re-raise."""
         cfg = self.config
         try:
-            self.profile = self._load_profile()
-            bundle = self._bundle or load_configured_bundle(cfg)
-            self.engine = Engine(
-                bundle,
-                num_threads=cfg.model.threads,
-                backend=cfg.model.backend,
-                act_sample_fraction=cfg.activations.sample_fraction,
-                seed=cfg.sensors.seed,
-            )
             cfg.state_dir.mkdir(parents=True, exist_ok=True)
+            if not self._lock.acquire(LOCK_WAIT_S):
+                raise StateDirBusy(f"{self._lock.path} is held by pid {self._lock.holder()}: another agent runs here")
+            self.profile = self._load_profile()
+            keys = load_public_keys(list(cfg.model.trusted_keys))
+            store = UpdateStore(cfg.state_dir / "update")
+            record, slot = prepare_start(store, cfg.updates.max_restarts)
+            bundle = None
+            if slot is not None:
+                try:
+                    bundle = load_bundle(Path(slot.path), keys)
+                    log.info("running %s %s installed by the updater (%s)", slot.name, slot.version, slot.path)
+                except (BundleError, OSError) as exc:
+                    log.error("the installed model %s is unusable (%s); using the configured bundle", slot.path, exc)
+                    slot = None
+            if bundle is None:
+                bundle = self._bundle or load_configured_bundle(cfg)
+                configured = configured_slot(cfg, keys, bundle)
+            else:
+                configured = configured_slot(cfg, keys)
+            self.engine = self.make_engine(bundle)
             self.spool = Spool(
                 cfg.spool_path,
                 max_bytes=cfg.spool.max_bytes,
@@ -187,6 +247,18 @@ class Agent:
             else:
                 self.source = self._source or self._make_source()
                 self.source.start()
+            self.updater = Updater(
+                cfg,
+                store,
+                self,
+                keys=keys,
+                agent_version=self.version,
+                record=record,
+                running=slot or configured,
+                configured=configured,
+                http=self._http,
+                download_slots=self._download_slots,
+            )
             self.uplink = Uplink(
                 device_id=self.device_id,
                 spool=self.spool,
@@ -198,14 +270,17 @@ class Agent:
                 client_id=cfg.client_id,
                 status=self.status_message,
                 reported=self.reported_message,
+                on_desired=self.updater.offer,
             )
             self.uplink.start()
         except BaseException:
             self._close_parts()
+            self._lock.release()
             raise
         target = self._replay_loop if self._replay is not None else self._live_loop
-        self._spawn(target, f"agent-loop-{self.device_id}")
+        self._loop_thread = self._spawn(target, f"agent-loop-{self.device_id}")
         self._spawn(self._status_loop, f"agent-status-{self.device_id}")
+        self.updater.start()
         self._started = True
         log.info(
             "agent %s started: model %s %s, spool epoch %s, boot %s",
@@ -216,10 +291,71 @@ class Agent:
             self.boot_id,
         )
 
-    def _spawn(self, target: Any, name: str) -> None:
+    def _spawn(self, target: Any, name: str) -> threading.Thread:
         thread = threading.Thread(target=target, name=name, daemon=True)
         thread.start()
         self._threads.append(thread)
+        return thread
+
+    # ------------------------------------------------------------- the updater's host protocol
+
+    def make_engine(self, bundle: Bundle) -> Engine:
+        """An engine for ``bundle`` with this agent's settings (runs the golden self-test)."""
+        cfg = self.config
+        return Engine(
+            bundle,
+            num_threads=cfg.model.threads,
+            backend=cfg.model.backend,
+            act_sample_fraction=cfg.activations.sample_fraction,
+            seed=cfg.sensors.seed,
+        )
+
+    def run_in_loop(self, fn: Callable[[], T], timeout: float) -> T:
+        """Run ``fn`` in the main loop thread between two inferences (directly if no loop runs)."""
+        loop = self._loop_thread
+        if loop is None or not loop.is_alive() or threading.current_thread() is loop:
+            return fn()
+        future: Future[T] = Future()
+        self._loop_tasks.put((fn, future))
+        try:
+            return future.result(timeout)
+        except TimeoutError:
+            future.cancel()
+            raise
+
+    def _run_loop_tasks(self) -> None:
+        while True:
+            try:
+                fn, future = self._loop_tasks.get_nowait()
+            except queue.Empty:
+                return
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn())
+            except BaseException as exc:
+                future.set_exception(exc)
+
+    def emit(self, event: DeviceEvent) -> None:
+        """Queue an event in the spool's durable outbox and wake the uplink."""
+        if self.spool is None:
+            return
+        self.spool.queue_event(event)
+        if self.uplink is not None:
+            self.uplink.notify()
+
+    def publish_reported(self) -> None:
+        """Publish the retained ``reported`` state now (queued by paho while offline)."""
+        if self.uplink is not None:
+            self.uplink.publish_reported(self.reported_message())
+
+    def inference_errors(self) -> int:
+        """Main loop inference failures so far."""
+        return self.counters.inference_errors
+
+    def shadow_errors(self) -> int:
+        """Shadow inference failures so far."""
+        return self.counters.shadow_errors
 
     def _load_profile(self) -> HardwareProfile | None:
         try:
@@ -277,11 +413,14 @@ class Agent:
         if self._stopped:
             return
         self._stopped = True
+        if self.updater is not None:
+            self.updater.stop(timeout)
         self.stop_event.set()
         for thread in self._threads:
             thread.join(timeout)
         self._close_parts()
         self._write_status_file(state="stopped")
+        self._lock.release()
         log.info("agent %s stopped", self.device_id)
 
     def _close_parts(self) -> None:
@@ -325,6 +464,7 @@ class Agent:
         errors = 0
         while not self.stop_event.is_set():
             self._progress()
+            self._run_loop_tasks()
             if self.config.sensors.rate_hz != rate:
                 # A reload changed the rate: re-anchor the schedule at the next tick.
                 rate = self.config.sensors.rate_hz
@@ -414,8 +554,40 @@ class Agent:
         )
         seqs = self.spool.append(block)
         self.counters.records += 1
+        if self.shadow is not None:
+            self._infer_shadow(features.reshape(1, -1), np.array([flags], np.uint16), cols.pred, block)
         if self.labels is not None and obs.truth is not None:
             self.counters.late_labels += self.labels.offer(self.device_id, self.spool.epoch, seqs, [obs.truth])
+
+    def _infer_shadow(self, X: np.ndarray, flags: np.ndarray, active_pred: np.ndarray, active: Any) -> None:
+        """Run the shadow model on the inputs the active model just saw; its block follows the active one.
+
+        The shadow records carry the active records' ``ts``, ``mono`` and label, so each pairs with the
+        active record of the same inputs (in the live loop: the next seq).
+        """
+        assert self.spool is not None
+        shadow = self.shadow
+        if shadow is None:
+            return
+        try:
+            cols = shadow.infer_many(X, flags)
+        except Exception:
+            self.counters.shadow_errors += 1
+            if self.counters.shadow_errors in (1, 10, 100) or self.counters.shadow_errors % 1000 == 0:
+                log.exception("shadow inference failed (%d so far)", self.counters.shadow_errors)
+            return
+        block = cols.to_block(
+            model_name=shadow.model_name,
+            model_version=shadow.model_version,
+            hidden_units=shadow.n_hidden,
+            ts=active.ts,
+            mono=active.mono,
+            label=active.label,
+            role="shadow",
+        )
+        self.spool.append(block)
+        self.counters.shadow_records += len(cols)
+        self.counters.shadow_agree += int((cols.pred == active_pred).sum())
 
     def _label_index(self, label: str | None) -> int:
         assert self.engine is not None
@@ -446,6 +618,7 @@ class Agent:
         try:
             while not self.stop_event.is_set() and not exhausted:
                 self._progress()
+                self._run_loop_tasks()
                 if self.spool.depth() + self.spool.pending_records() > high_water or (
                     self.spool.bytes() > self.config.spool.max_bytes // 2
                 ):
@@ -478,6 +651,8 @@ class Agent:
                     label=chunk.labels,
                 )
                 self.spool.append(block, cursor=ReplayCursor(self._replay_identity, chunk.next_row))
+                if self.shadow is not None:
+                    self._infer_shadow(chunk.features, np.zeros(chunk.n, np.uint16), cols.pred, block)
                 done += chunk.n
                 self.counters.records += chunk.n
                 self.counters.replay_rows = chunk.next_row
@@ -490,6 +665,7 @@ class Agent:
                 log.info("replay source exhausted after %d rows; waiting for the collector's acks", done)
                 while not self.stop_event.is_set():
                     self._progress()
+                    self._run_loop_tasks()
                     if self.spool.empty():
                         log.info("replay complete: every record acknowledged")
                         self.finished.set()
@@ -562,6 +738,9 @@ class Agent:
             f"{self._rate:.1f} inferences/s",
             f"spool {spool.depth()} records" if spool else "no spool",
         ]
+        if self.updater is not None and self.updater.record.state.value not in ("idle", "committed"):
+            record = self.updater.record
+            parts.append(f"update {record.state.value}" + (f" ({record.reason})" if record.reason else ""))
         if self.source is not None:
             try:
                 bad = {k: v for k, v in self.source.health().items() if v.state != "ok"}
@@ -596,9 +775,25 @@ class Agent:
         )
 
     def reported_message(self) -> Reported:
-        """The retained ``reported`` payload: the running model."""
-        engine = self.engine
-        return Reported(model=ModelRef(name=engine.model_name, version=engine.model_version) if engine else None)
+        """The retained ``reported`` payload: the running model, the shadow, and where the update is."""
+        engine, shadow, updater = self.engine, self.shadow, self.updater
+        doc: dict[str, Any] = {
+            "model": ModelRef(name=engine.model_name, version=engine.model_version) if engine else None,
+            "shadow": ModelRef(name=shadow.model_name, version=shadow.model_version) if shadow else None,
+        }
+        if updater is not None:
+            record = updater.record
+            target = record.target
+            doc.update(
+                update=updater.report(),
+                model_sha256=updater.running.sha256 if updater.running else None,
+                previous=ModelRef(name=record.previous.name, version=record.previous.version)
+                if record.previous
+                else None,
+                desired_serial=record.serial if record.serial >= 0 else None,
+                shadow_sha256=target.sha256 if shadow is not None and target is not None else None,
+            )
+        return Reported(**doc)
 
     def _status_loop(self) -> None:
         while not self.stop_event.wait(STATUS_FILE_INTERVAL_S):
@@ -647,6 +842,10 @@ class Agent:
             )
         if self.uplink is not None:
             doc["uplink"] = self.uplink.snapshot()
+        if self.updater is not None:
+            doc["update"] = self.updater.snapshot()
+        if self.shadow is not None:
+            doc["shadow"] = {"name": self.shadow.model_name, "version": self.shadow.model_version}
         return doc
 
     def _write_status_file(self, state: str) -> None:

@@ -1,4 +1,4 @@
-"""`edge-agent`: run the service, replay a feature CSV, show status, check sensors, simulate a fleet, make datasets.
+"""`edge-agent`: run the service, replay a feature CSV, show status, install a model, check sensors, simulate a fleet.
 
 Exit codes: 0 success, 1 a runtime failure, 2 bad configuration or input (the message says
 which file and field). Logs go to stderr (``--log-level``); a command's own output to stdout.
@@ -20,13 +20,15 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-from edge_agent.app import Agent, HardwareFactory, ReplaySettings, agent_version
+from edge_agent.app import Agent, HardwareFactory, ReplaySettings, StateDirBusy, agent_version
 from edge_agent.config import DEFAULT_BUNDLE, DEFAULT_KEY, AgentConfig, ConfigError, load_config, load_device_profile
 from edge_agent.sensors.replay import ReplayError
 from edge_agent.sensors.simulated import ScenarioError
 from edge_agent.service import Service
 from edge_agent.simulate import Fleet, FleetSettings
 from edge_agent.spool import SpoolError, inspect
+from edge_agent.updater.install import install_bundle
+from edge_agent.updater.store import UpdateStore
 from shared.bundle import BundleError
 from shared.topics import TopicError, check_device_id
 
@@ -170,8 +172,38 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return 0
 
 
+def update_document(config: AgentConfig, live: dict[str, Any] | None) -> dict[str, Any]:
+    """The update state as persisted (the truth, whether an agent runs or not), with live progress."""
+    from shared.update import result_of
+
+    record = UpdateStore(config.state_dir / "update").load(repair=False)
+    target = record.target
+    ref = target.ref() if target is not None else None
+    doc: dict[str, Any] = {
+        "state": record.state.value,
+        "progress": record.progress,
+        "result": result_of(record.state).value,
+        "reason": record.reason,
+        "error": record.error,
+        "target": ref.model_dump() if ref is not None else None,
+        "slot": target.slot if target is not None else None,
+        "origin": target.origin if target is not None else None,
+        "serial": target.serial if target is not None else None,
+        "attempt": record.attempt,
+        "current": record.active.model_dump() if record.active else None,
+        "previous": record.previous.model_dump() if record.previous else None,
+        "desired_serial": record.serial if record.serial >= 0 else None,
+        "updated_at": record.updated_at or None,
+        "history": record.history[-5:],
+    }
+    if live and live.get("state") == doc["state"]:
+        doc["progress"] = live.get("progress", doc["progress"])
+        doc["counters"] = live.get("counters")
+    return doc
+
+
 def status_document(config: AgentConfig) -> dict[str, Any]:
-    """The status file joined with what the spool itself says."""
+    """The status file joined with what the spool and the update state say."""
     doc: dict[str, Any] = {"device_id": config.device.id, "state": "unknown"}
     try:
         doc.update(json.loads(config.status_path.read_text()))
@@ -190,6 +222,7 @@ def status_document(config: AgentConfig) -> dict[str, Any]:
     except SpoolError as exc:
         doc["spool"] = None
         doc["spool_error"] = str(exc)
+    doc["update"] = update_document(config, doc.get("update") if doc.get("state") == "running" else None)
     return doc
 
 
@@ -223,10 +256,63 @@ def cmd_status(args: argparse.Namespace) -> int:
         )
     if doc.get("spool") and doc["spool"]["gaps"]:
         lines.append(f"open gaps:    {doc['spool']['gaps']}")
+    lines.extend(_update_lines(doc["update"]))
     if doc.get("spool_error"):
         lines.append(f"spool:        {doc['spool_error']}")
     print("\n".join(lines))
     return 0
+
+
+def _model_name(ref: dict[str, Any] | None, fallback: str = "-") -> str:
+    if not ref:
+        return fallback
+    sha = ref.get("sha256")
+    return f"{ref.get('name')} {ref.get('version')}" + (f" ({sha[:12]})" if sha else "")
+
+
+def _update_lines(update: dict[str, Any]) -> list[str]:
+    lines = [
+        f"update:       {update['state']} (result {update['result']}"
+        + (f", progress {update['progress']:.0%}" if update["progress"] else "")
+        + ")",
+    ]
+    if update.get("target"):
+        lines.append(f"  target:     {_model_name(update['target'])} [{update['slot']}, {update['origin']}]")
+    if update.get("reason") or update.get("error"):
+        lines.append(f"  error:      {update.get('reason')}: {update.get('error')}")
+    lines.append(f"  current:    {_model_name(update.get('current'), 'the configured bundle')}")
+    if update.get("previous"):
+        lines.append(f"  previous:   {_model_name(update['previous'])}")
+    return lines
+
+
+def cmd_model_install(args: argparse.Namespace) -> int:
+    """`edge-agent model install`: a local bundle through the update state machine; 0 only on committed."""
+    config = _config(args)
+    bundle = Path(args.bundle)
+    if not bundle.exists():
+        raise ConfigError(f"BUNDLE {bundle}: no such file or folder")
+    timeout = args.timeout if args.timeout is not None else config.updates.install_timeout_s
+    last: list[str] = [""]
+
+    def waiting(info: dict[str, Any]) -> None:
+        line = f"waiting for the agent: {'claimed' if info['claimed'] else 'queued'}, update state {info['state']}"
+        if line != last[0] and not args.json:
+            print(line, flush=True)
+            last[0] = line
+
+    result = install_bundle(config, bundle, agent_version=agent_version(), timeout=timeout, waiting=waiting)
+    if args.json:
+        print(json.dumps(result, indent=2, default=str))
+    else:
+        model = result.get("model") or {}
+        what = f"{model.get('name')} {model.get('version')}" if model else str(bundle)
+        if result.get("state") == "committed":
+            print(f"installed {what}: committed" + (f" ({result['detail']})" if result.get("detail") else ""))
+        else:
+            outcome = f"{result.get('state')}, {result.get('reason')}: {result.get('error')}"
+            print(f"install of {what} did not commit: {outcome}")
+    return 0 if result.get("state") == "committed" else 1
 
 
 def sensors_check(config: AgentConfig, *, as_json: bool = False, factories: DriverFactories | None = None) -> int:
@@ -271,6 +357,20 @@ def cmd_sensors_check(args: argparse.Namespace) -> int:
     return sensors_check(_config(args), as_json=args.json)
 
 
+def _updates_option(text: str | None) -> dict[str, Any]:
+    if not text:
+        return {}
+    import yaml
+
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--updates: not YAML: {exc}") from None
+    if not isinstance(doc, dict):
+        raise ConfigError("--updates must be a mapping, e.g. '{watch_s: 5, shadow_s: 0}'")
+    return doc
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
     """`edge-agent simulate`: N simulated vehicles in this process."""
     state_dir = Path(args.state_dir) if args.state_dir else Path(tempfile.mkdtemp(prefix="edge-simulate-"))
@@ -288,6 +388,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         trusted_keys=[Path(k) for k in args.trusted_key] if args.trusted_key else [DEFAULT_KEY],
         seed=args.seed,
         protocol=args.protocol,
+        updates=_updates_option(args.updates),
     )
     try:
         check_device_id(f"{settings.id_prefix}001")
@@ -331,6 +432,17 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.set_defaults(func=cmd_status)
 
+    model = sub.add_parser("model", help="model management on this device")
+    model_sub = model.add_subparsers(dest="model_command", required=True, metavar="SUBCOMMAND")
+    install = model_sub.add_parser(
+        "install", help="install a bundle through the update state machine; exits 0 only once committed"
+    )
+    install.add_argument("bundle", metavar="BUNDLE", help="bundle .tar or folder")
+    install.add_argument("--config", type=Path, help="agent YAML")
+    install.add_argument("--timeout", type=float, help="seconds to wait for a running agent")
+    install.add_argument("--json", action="store_true", help="machine-readable outcome")
+    install.set_defaults(func=cmd_model_install)
+
     sensors = sub.add_parser("sensors", help="sensor bring-up tools")
     sensors_sub = sensors.add_subparsers(dest="sensors_command", required=True, metavar="SUBCOMMAND")
     check = sensors_sub.add_parser("check", help="read each sensor of the profile once and print what was found")
@@ -352,6 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--trusted-key", action="append", help="pinned public key file (repeatable)")
     sim.add_argument("--seed", type=int, default=0, help="base random seed (vehicle i uses seed + i)")
     sim.add_argument("--protocol", choices=["3.1.1", "5"], default="3.1.1", help="MQTT protocol version")
+    sim.add_argument("--updates", help="YAML mapping for every vehicle's `updates` section, e.g. '{watch_s: 5}'")
     sim.set_defaults(func=cmd_simulate)
 
     try:
@@ -385,6 +498,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except SpoolError as exc:
         log.error("spool: %s", exc)
+        return 1
+    except StateDirBusy as exc:
+        log.error("state directory busy: %s", exc)
         return 1
     except KeyboardInterrupt:
         return 130

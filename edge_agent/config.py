@@ -16,6 +16,7 @@ Relative paths in a file are relative to the folder of that file.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import socket
@@ -26,6 +27,7 @@ from urllib.parse import urlsplit
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
+from edge_agent.updater.conditions import parse_window
 from shared.codec import DEFAULT_LIMITS
 from shared.profile import HardwareProfile, ProfileError, find_profile
 from shared.topics import valid_device_id
@@ -198,6 +200,72 @@ class LabelsSection(_Section):
     late_labels_path: Path | None = Field(None, description="CSV to append to; default <state_dir>/late_labels.csv")
 
 
+class UpdatesSection(_Section):
+    """Model updates: when the device may start one, how it downloads, watches and rolls back."""
+
+    enabled: bool = Field(True, description="act on the collector's desired state (`model install` works regardless)")
+    parked: bool = Field(
+        True, description="whether the vehicle counts as parked when no parked_flag_file is set (simulated, replay)"
+    )
+    parked_flag_file: Path | None = Field(
+        None, description="the vehicle is parked while this file exists (written by the ignition/CAN integration)"
+    )
+    depot_networks: list[str] = Field(
+        default_factory=list,
+        description="CIDRs of depot networks: the address the broker is reached from must be in one (empty: any)",
+    )
+    depot_flag_file: Path | None = Field(
+        None, description="on a depot network while this file exists (e.g. a NetworkManager hook on the depot SSID)"
+    )
+    windows: list[str] = Field(
+        default_factory=list,
+        description="local-time windows HH:MM-HH:MM (may cross midnight) when an update may start (empty: any time)",
+    )
+    retry_interval_s: float = Field(60.0, gt=0, le=86_400, description="re-check the conditions of a deferred update")
+    download_timeout_s: float = Field(30.0, gt=0, le=600, description="connect and read timeout of a download")
+    download_retries: int = Field(5, ge=0, le=100, description="download attempts in a row without progress")
+    download_backoff_s: float = Field(1.0, gt=0, le=60, description="first retry delay, doubling up to 60 s")
+    bandwidth_bytes_per_s: int | None = Field(None, gt=0, description="download bandwidth cap (none: unlimited)")
+    max_bundle_bytes: int = Field(
+        96 * 1024 * 1024, gt=0, description="refuse a desired bundle larger than this before downloading"
+    )
+    shadow_s: float = Field(
+        0.0, ge=0, le=7 * 86_400, description="shadow phase before activation: the candidate runs beside the active"
+    )
+    shadow_min_records: int = Field(0, ge=0, description="... and for at least this many records (0 with 0 s: none)")
+    watch_s: float = Field(300.0, ge=0, le=7 * 86_400, description="watch period after activation, before commit")
+    watch_min_records: int = Field(10, ge=0, description="inferences the watch period needs at least")
+    max_latency_ms: float = Field(50.0, gt=0, description="p95 inference latency bound during shadow and watch")
+    max_latency_ratio: float | None = Field(
+        None, gt=1, description="also roll back above this multiple of the previous model's p95 latency"
+    )
+    max_nonfinite: int = Field(0, ge=0, description="NaN/Inf outputs tolerated during shadow and watch")
+    max_restarts: int = Field(
+        2, ge=0, le=100, description="unclean restarts tolerated in one update state; one more fails it (crash_loop)"
+    )
+    offline_watch_records: int = Field(
+        500, ge=1, le=100_000, description="`model install` with no agent running: reference-profile inputs checked"
+    )
+    install_timeout_s: float = Field(900.0, gt=0, description="`model install`: wait this long for a running agent")
+
+    @field_validator("depot_networks")
+    @classmethod
+    def _cidrs(cls, value: list[str]) -> list[str]:
+        for cidr in value:
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError as exc:
+                raise ValueError(f"{cidr!r} is not a CIDR: {exc}") from None
+        return value
+
+    @field_validator("windows")
+    @classmethod
+    def _windows(cls, value: list[str]) -> list[str]:
+        for window in value:
+            parse_window(window)
+        return value
+
+
 class AgentConfig(_Section):
     """The whole agent configuration."""
 
@@ -209,7 +277,10 @@ class AgentConfig(_Section):
     uplink: UplinkSection = Field(default_factory=UplinkSection, description="telemetry batching")
     activations: ActivationsSection = Field(default_factory=ActivationsSection, description="activation capture")
     labels: LabelsSection = Field(default_factory=LabelsSection, description="late labels")
-    state_dir: Path = Field(Path("/var/lib/edge-agent"), description="folder for the spool and the status file")
+    updates: UpdatesSection = Field(default_factory=UpdatesSection, description="model updates")
+    state_dir: Path = Field(
+        Path("/var/lib/edge-agent"), description="folder for the spool, the status file, update state and models"
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] | None = Field(
         None, description="log level; overrides --log-level and follows a reload (SIGHUP)"
     )
@@ -245,6 +316,8 @@ _PATH_FIELDS = {
     ("sensors", "replay_csv"),
     ("spool", "path"),
     ("labels", "late_labels_path"),
+    ("updates", "parked_flag_file"),
+    ("updates", "depot_flag_file"),
     ("state_dir",),
 }
 

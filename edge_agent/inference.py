@@ -22,10 +22,12 @@ import numpy as np
 
 from shared.bundle import Bundle, BundleError, calibrate, check_tensor_shapes, rare_pair_indices, run_golden
 from shared.codec import NO_LABEL, RecordBlock
-from shared.features import FLAG_IMPUTED
+from shared.features import FLAG_IMPUTED, FLAG_OUTPUT_INVALID
 from shared.interpreter import InterpreterUnavailable, load_interpreter
 
 log = logging.getLogger(__name__)
+
+LATENCY_RING = 1024  # recent per-record latencies kept for the updater's watch period
 
 
 @dataclass
@@ -163,6 +165,8 @@ class Engine:
         self._p = np.zeros(self.n_classes, np.float32)
         self._h = np.zeros(self.n_hidden, np.float32)
         self.count = 0
+        self.nonfinite = 0  # records whose outputs were NaN/Inf (zeroed and flagged, never sent as such)
+        self._latency_ring = np.zeros(LATENCY_RING, np.float32)
         log.info(
             "engine ready: %s %s (%d features, %d classes, %d hidden, %d rare pairs), golden deviation %.2g",
             m.name,
@@ -221,8 +225,18 @@ class Engine:
             probs[i] = interp.get_tensor(out_p)[0]
             hidden[i] = interp.get_tensor(out_h)[0]
             latency[i] = (clock() - t0) / 1000.0
+        ring = self._latency_ring
+        if n >= LATENCY_RING:
+            ring[:] = latency[-LATENCY_RING:]
+        else:
+            ring[np.arange(self.count, self.count + n) % LATENCY_RING] = latency
         self.count += n
         return self._columns(physical, probs, hidden, latency, sensor_flags)
+
+    def recent_latency_us(self, n: int) -> np.ndarray:
+        """The latencies of the last ``n`` records (at most :data:`LATENCY_RING`), oldest first."""
+        n = max(0, min(n, self.count, LATENCY_RING))
+        return self._latency_ring[np.arange(self.count - n, self.count) % LATENCY_RING].copy()
 
     def infer(self, features: np.ndarray, flags: int = 0) -> InferenceRecord:
         """Run one feature vector and return its record."""
@@ -244,6 +258,14 @@ class Engine:
         self, physical: np.ndarray, probs: np.ndarray, hidden: np.ndarray, latency: np.ndarray, flags: np.ndarray
     ) -> InferenceColumns:
         n = probs.shape[0]
+        invalid = ~(np.isfinite(probs).all(axis=1) & np.isfinite(hidden).all(axis=1))
+        if invalid.any():
+            # A broken model must not poison a batch (the collector quarantines NaN outputs whole):
+            # zero the outputs, flag the record, count it; the updater's watch period acts on the count.
+            probs[invalid] = 0.0
+            hidden[invalid] = 0.0
+            flags = flags | np.where(invalid, np.uint16(FLAG_OUTPUT_INVALID), np.uint16(0)).astype(np.uint16)
+            self.nonfinite += int(invalid.sum())
         # Softmax output may exceed 1 by a rounding hair; the wire contract is [0, 1].
         np.clip(probs, 0.0, 1.0, out=probs)
         pred = probs.argmax(axis=1)

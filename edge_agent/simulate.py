@@ -1,9 +1,12 @@
 """Many simulated vehicles in one process, each with its own MQTT connection, spool and main loop.
 
 Used by the demo, the tests and load runs. Every vehicle is a full :class:`edge_agent.app.Agent`
-(engine, spool, uplink) fed by its own :class:`~edge_agent.sensors.simulated.SimulatedCabin`
-with a distinct seed; they share the verified bundle (loaded once) and one stop event. For
-thousands of devices run several processes (paho's threads cost about three per vehicle here).
+(engine, spool, uplink, updater) fed by its own :class:`~edge_agent.sensors.simulated.SimulatedCabin`
+with a distinct seed, in its own state directory; they share the verified bundle (loaded once),
+one stop event, one HTTP client (connection pool) for artefact downloads and a limit on how many
+download at once. Each vehicle runs the real updater (desired state over MQTT, HTTP Range
+download, sha256, Ed25519, TFLite self-test, activation, watch). For thousands of devices run
+several processes (paho's threads cost about three per vehicle here, the updater one more).
 """
 
 from __future__ import annotations
@@ -13,6 +16,9 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+import httpx
 
 from edge_agent.app import Agent
 from edge_agent.config import DEFAULT_BUNDLE, DEFAULT_KEY, AgentConfig, config_from_dict
@@ -40,6 +46,8 @@ class FleetSettings:
     seed: int = 0
     protocol: str = "3.1.1"
     batch_max_age_s: float = 2.0
+    updates: dict[str, Any] = field(default_factory=dict)  # each vehicle's `updates` section
+    parallel_downloads: int = 8
 
 
 def device_config(settings: FleetSettings, number: int) -> AgentConfig:
@@ -60,6 +68,7 @@ def device_config(settings: FleetSettings, number: int) -> AgentConfig:
             "late_label_fraction": settings.late_label_fraction if settings.late_labels else 0.0,
             "late_labels_path": settings.late_labels,
         },
+        "updates": dict(settings.updates),
         "state_dir": settings.state_dir / device_id,
     }
     return config_from_dict(doc, source="edge-agent simulate")
@@ -74,6 +83,11 @@ class Fleet:
         self.settings = settings
         self.stop_event = stop_event or threading.Event()
         self.agents: list[Agent] = []
+        self.http = httpx.Client(
+            follow_redirects=True,
+            limits=httpx.Limits(max_connections=settings.parallel_downloads, max_keepalive_connections=4),
+        )
+        self.download_slots = threading.Semaphore(settings.parallel_downloads)
 
     def start(self) -> None:
         """Verify the bundle once, then start every vehicle."""
@@ -82,7 +96,13 @@ class Fleet:
         configs = [device_config(s, i + 1) for i in range(s.devices)]
         try:
             for config in configs:
-                agent = Agent(config, bundle=bundle, stop_event=self.stop_event)
+                agent = Agent(
+                    config,
+                    bundle=bundle,
+                    stop_event=self.stop_event,
+                    http=self.http,
+                    download_slots=self.download_slots,
+                )
                 agent.start()
                 self.agents.append(agent)
         except BaseException:
@@ -98,6 +118,7 @@ class Fleet:
                 agent.stop()
             except Exception:
                 log.exception("stopping %s failed", agent.device_id)
+        self.http.close()
 
     def run(self) -> int:
         """Run until the stop event (signal) or the duration; return an exit code."""

@@ -14,6 +14,11 @@ unanswered re-send (at most 10 minutes) until acks make progress again; after a 
 everything in flight is sent again at once. No batch exceeds the codec's payload or decompressed
 limits: an oversized one is re-cut, a chunk split in the spool. Garbage on the ack topic is
 counted and logged, never raised.
+
+The device's retained ``desired`` topic is subscribed on every connect; a payload that parses as a
+:class:`shared.messages.Desired` is handed to the updater's queue (its signature and serial are
+checked in the updater's thread, never here: paho's callback thread only parses and queues). A
+malformed payload is counted and logged; an empty one (a retained message cleared) is ignored.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ from pydantic import ValidationError
 from edge_agent.config import MqttSection, UplinkSection
 from edge_agent.spool import PendingBatch, Spool
 from shared.codec import DEFAULT_LIMITS, MAGIC, Batch, encode_batch
-from shared.messages import MAX_MESSAGE_BYTES, Ack, Reported, Status
+from shared.messages import MAX_MESSAGE_BYTES, Ack, Desired, Reported, Status
 from shared.topics import Kind, topic
 
 log = logging.getLogger(__name__)
@@ -100,6 +105,8 @@ class UplinkCounters:
     chunks_split: int = 0
     events_published: int = 0
     subscribe_failures: int = 0
+    desired_received: int = 0
+    bad_desired: int = 0
 
 
 class Uplink:
@@ -118,6 +125,7 @@ class Uplink:
         client_id: str | None = None,
         status: Callable[[], Status] | None = None,
         reported: Callable[[], Reported] | None = None,
+        on_desired: Callable[[Desired], None] | None = None,
     ) -> None:
         self.device_id = device_id
         self.spool = spool
@@ -129,6 +137,8 @@ class Uplink:
         self.client_id = client_id or f"edge-{device_id}"
         self._status = status or (lambda: Status(state="online"))
         self._reported = reported
+        self._on_desired = on_desired
+        self._reported_stale = False  # a change happened while offline: publish once connected
         self.counters = UplinkCounters()
         self.topics = {kind: topic(device_id, kind) for kind in Kind}
         self._connected = threading.Event()
@@ -231,10 +241,13 @@ class Uplink:
             log.error("broker %s refused the connection: %s", self.mqtt.url, reason_code)
             return
         self.counters.connects += 1
-        result, _mid = client.subscribe(self.topics[Kind.ACK], qos=1)
+        wanted = [(self.topics[Kind.ACK], 1)]
+        if self._on_desired is not None:
+            wanted.append((self.topics[Kind.DESIRED], 1))
+        result, _mid = client.subscribe(wanted)
         if result != MQTTErrorCode.MQTT_ERR_SUCCESS:
             self.counters.subscribe_failures += 1
-            log.error("subscribe to %s failed: %s", self.topics[Kind.ACK], mqtt.error_string(result))
+            log.error("subscribe to %s failed: %s", [t for t, _q in wanted], mqtt.error_string(result))
         with self._lock:
             self._event_mids.clear()
             self._events_inflight.clear()
@@ -244,6 +257,7 @@ class Uplink:
             log.info("reconnected: %d unacknowledged batches will be sent again", requeued)
         self._publish_status(client)
         if self._reported is not None:
+            self._reported_stale = False
             client.publish(
                 self.topics[Kind.REPORTED], self._reported().model_dump_json(exclude_none=True), qos=1, retain=True
             )
@@ -266,7 +280,7 @@ class Uplink:
         for code in codes:
             if code.is_failure:
                 self.counters.subscribe_failures += 1
-                log.error("broker refused the subscription to %s: %s", self.topics[Kind.ACK], code)
+                log.error("broker refused a subscription (ack/desired) of %s: %s", self.device_id, code)
 
     def _on_publish(self, _client: mqtt.Client, _userdata: Any, mid: int, reason_code: Any, _p: Any) -> None:
         with self._lock:
@@ -284,6 +298,9 @@ class Uplink:
             self._events_inflight.discard(event_id)
 
     def _on_message(self, _client: mqtt.Client, _userdata: Any, message: mqtt.MQTTMessage) -> None:
+        if message.topic == self.topics[Kind.DESIRED]:
+            self._on_desired_message(message)
+            return
         if message.topic != self.topics[Kind.ACK]:
             return
         try:
@@ -295,6 +312,25 @@ class Uplink:
             log.warning("bad payload on %s ignored (%d so far): %s", message.topic, self.counters.bad_acks, exc)
             return
         self.handle_ack(ack)
+
+    def _on_desired_message(self, message: mqtt.MQTTMessage) -> None:
+        if not message.payload or self._on_desired is None:
+            return  # a cleared retained desired state: nothing to act on
+        self.counters.desired_received += 1
+        try:
+            if len(message.payload) > MAX_MESSAGE_BYTES:
+                raise ValueError(f"{len(message.payload)} bytes > {MAX_MESSAGE_BYTES}")
+            desired = Desired.model_validate_json(message.payload)
+        except (ValidationError, ValueError) as exc:
+            self.counters.bad_desired += 1
+            log.warning(
+                "malformed desired state on %s ignored (%d so far): %s",
+                message.topic,
+                self.counters.bad_desired,
+                str(exc).splitlines()[0],
+            )
+            return
+        self._on_desired(desired)
 
     def handle_ack(self, ack: Ack) -> int:
         """Release what ``ack`` covers from the spool; return records released."""
@@ -378,6 +414,8 @@ class Uplink:
                 break
             max_records = s.batch_max_records
         self._publish_events()
+        if self._reported_stale and self._reported is not None:
+            self.publish_reported(self._reported())
         if now - self._last_status >= s.status_interval_s:
             self._publish_status(self._client)
 
@@ -465,7 +503,15 @@ class Uplink:
         client.publish(self.topics[Kind.STATUS], status.model_dump_json(exclude_none=True), qos=1, retain=True)
 
     def publish_reported(self, reported: Reported) -> None:
-        """Publish the retained ``reported`` state now."""
+        """Publish the retained ``reported`` state now; while offline, once connected again.
+
+        Offline changes are not queued one by one in paho (a long outage during a download would
+        pile up stale progress): the latest state is published after the reconnect.
+        """
+        if not self._connected.is_set():
+            self._reported_stale = True
+            return
+        self._reported_stale = False
         self._client.publish(
             self.topics[Kind.REPORTED], reported.model_dump_json(exclude_none=True), qos=1, retain=True
         )

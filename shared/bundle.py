@@ -314,7 +314,8 @@ def load_bundle(source: Path | bytes, trusted: list[PublicKey], *, check_tensors
     try:
         key_id = verify(members[MANIFEST_FILE], members[SIGNATURE_FILE], trusted)
     except SignatureError as exc:
-        raise BundleError("bad_signature", str(exc)) from None
+        # The cause keeps the signature's own reason (unknown_key, bad_signature...) for the updater.
+        raise BundleError("bad_signature", str(exc)) from exc
     bundle = Bundle(manifest, model, members[MANIFEST_FILE], members[SIGNATURE_FILE], key_id)
     if check_tensors:
         check_tensor_shapes(bundle)
@@ -323,6 +324,11 @@ def load_bundle(source: Path | bytes, trusted: list[PublicKey], *, check_tensors
 
 def write_bundle(path: Path, model: bytes, manifest_bytes: bytes, signature: bytes) -> None:
     """Write a bundle tar with deterministic member metadata (same inputs, same bytes)."""
+    Path(path).write_bytes(bundle_bytes(model, manifest_bytes, signature))
+
+
+def bundle_bytes(model: bytes, manifest_bytes: bytes, signature: bytes) -> bytes:
+    """The bundle tar :func:`write_bundle` writes, as bytes."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:", format=tarfile.PAX_FORMAT) as tar:
         for name, data in ((MANIFEST_FILE, manifest_bytes), (MODEL_FILE, model), (SIGNATURE_FILE, signature)):
@@ -331,7 +337,7 @@ def write_bundle(path: Path, model: bytes, manifest_bytes: bytes, signature: byt
             info.mode = 0o644
             info.mtime = 0
             tar.addfile(info, io.BytesIO(data))
-    Path(path).write_bytes(buf.getvalue())
+    return buf.getvalue()
 
 
 def manifest_json(manifest: Manifest | dict[str, Any]) -> bytes:

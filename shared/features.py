@@ -48,6 +48,7 @@ FLAG_PM_MISSING: Final = 1 << 1  # PMS5003 (mass concentrations and counts)
 FLAG_AUDIO_MISSING: Final = 1 << 2  # microphone
 FLAG_IMPUTED: Final = 1 << 3  # at least one input was replaced by its reference mean
 FLAG_AUDIO_OVERRUN: Final = 1 << 4  # the audio window lost samples
+FLAG_OUTPUT_INVALID: Final = 1 << 5  # the model's outputs were NaN/Inf: probabilities and activations zeroed
 
 _DB_FLOOR: Final = -120.0
 _EPS: Final = 1e-12

@@ -61,6 +61,11 @@ class Reported(_Message):
 
     model: ModelRef | None = None
     update: UpdateReport = Field(default_factory=UpdateReport)
+    model_sha256: str | None = Field(None, description="SHA-256 of the running model's bundle .tar")
+    shadow: ModelRef | None = Field(None, description="the model running in shadow, if any")
+    shadow_sha256: str | None = None
+    previous: ModelRef | None = Field(None, description="the model kept on disk until the update commits")
+    desired_serial: int | None = Field(None, description="the highest desired serial the device accepted")
 
 
 class Ack(_Message):

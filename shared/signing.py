@@ -26,7 +26,15 @@ _PREFIX = "ed25519:"
 
 
 class SignatureError(ValueError):
-    """A signature that is malformed, made by an unknown key, or does not match."""
+    """A signature that is malformed, made by an unknown key, or does not match.
+
+    ``reason`` is a stable code: ``unsigned``, ``malformed_signature``, ``unknown_key`` (made by a
+    key that is not pinned) or ``bad_signature`` (does not match the signed bytes).
+    """
+
+    def __init__(self, message: str, reason: str = "bad_signature") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -119,12 +127,14 @@ def verify(data: bytes, signature_file: bytes, trusted: list[PublicKey]) -> str:
         doc = json.loads(signature_file)
         alg, key_id, sig = doc["alg"], doc["key_id"], base64.b64decode(doc["signature"], validate=True)
     except (ValueError, KeyError, TypeError) as exc:
-        raise SignatureError(f"signature file is malformed: {exc}") from None
+        raise SignatureError(f"signature file is malformed: {exc}", "malformed_signature") from None
     if alg != "ed25519":
-        raise SignatureError(f"signature algorithm {alg!r} is not ed25519")
+        raise SignatureError(f"signature algorithm {alg!r} is not ed25519", "malformed_signature")
     candidates = [k for k in trusted if k.key_id == key_id]
     if not candidates:
-        raise SignatureError(f"signed by key {key_id}, which is not among the {len(trusted)} pinned keys")
+        raise SignatureError(
+            f"signed by key {key_id}, which is not among the {len(trusted)} pinned keys", "unknown_key"
+        )
     for candidate in candidates:
         try:
             candidate.key.verify(sig, data)
@@ -142,5 +152,5 @@ def sign_desired(desired: Desired, key: Ed25519PrivateKey) -> Desired:
 def verify_desired(desired: Desired, trusted: list[PublicKey]) -> str:
     """Check a ``desired`` message's signature against the pinned keys; return the signer's key id."""
     if desired.signature is None:
-        raise SignatureError("the desired state is not signed")
+        raise SignatureError("the desired state is not signed", "unsigned")
     return verify(desired.signed_bytes(), desired.signature.encode(), trusted)

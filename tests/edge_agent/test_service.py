@@ -21,6 +21,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -309,8 +310,12 @@ def test_agent_under_a_systemd_like_harness(broker: Mosquitto, notify_socket: No
         # Plugged back (a new pty behind the alias): recovers without a restart.
         agent.say("plug pms5003")
         wait_for(lambda: sensor_state(peer, device, "pms5003") == "ok", what=f"pms5003 ok again ({agent.tail()})")
-        recovered = [e for e in peer.events if e.kind == "sensor_state" and e.data["sensor"] == "pms5003"]
-        assert recovered[-1].data["state"] == "ok"
+
+        def pms_events() -> list[Any]:
+            return [e for e in peer.events if e.kind == "sensor_state" and e.data["sensor"] == "pms5003"]
+
+        # The retained status and the event are separate messages: the event may arrive a moment later.
+        wait_for(lambda: pms_events()[-1].data["state"] == "ok", what="the pms5003 ok event")
         since = time.time()
         wait_for(lambda: count_since(peer, device, since) >= 10, what="records after recovery")
         _, flags, features = records(peer, device, since)
