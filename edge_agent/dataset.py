@@ -17,7 +17,7 @@ import logging
 import math
 import os
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -100,8 +100,8 @@ def generate(
 
 def generate_drives(
     scenario: Scenario, *, vehicles: int, seconds: float, every_s: float, seed: int = 0, window_s: float = 0.1
-) -> Iterator[tuple[np.ndarray, str]]:
-    """Independent drives, one vehicle after the other: ``(features, label)`` of ``vehicles`` simulated vehicles.
+) -> Iterator[tuple[int, DriveRecord]]:
+    """Independent drives, one vehicle after the other: ``(vehicle, record)`` of ``vehicles`` simulated vehicles.
 
     Each vehicle has its own cabin seed and a random start in the scenario's loop (:func:`drive_phase`),
     and records one ``window_s`` window every ``every_s`` seconds for ``seconds``. Drives like these,
@@ -119,7 +119,7 @@ def generate_drives(
             seed=seed * DRIVE_SEED_STRIDE + k,
             phase_s=drive_phase(scenario, seed, k, window_s),
         ):
-            yield r.features, r.truth
+            yield k, r
 
 
 def _format(value: float) -> str:
@@ -143,7 +143,28 @@ def write_rows(out: IO[str], rows: Iterable[tuple[np.ndarray, str]]) -> Counter[
     return counts
 
 
-def _write(path: Path, rows: Iterable[tuple[np.ndarray, str]]) -> Counter[str]:
+def write_drive_rows(out: IO[str], rows: Iterable[tuple[int, DriveRecord]]) -> Counter[str]:
+    """:func:`write_rows` plus the ``drive`` and ``ts_s`` columns a monitoring reference file may carry.
+
+    With them the trainer measures how long every monitored quantity takes to decorrelate in a vehicle's
+    stream (``collector.training.labelled.TIME_COLUMNS``).
+    """
+    counts: Counter[str] = Counter()
+    out.write(",".join((*FEATURE_NAMES, LABEL_COLUMN, "drive", "ts_s")) + "\n")
+    lines: list[str] = []
+    for vehicle, r in rows:
+        lines.append(",".join(map(_format, r.features.tolist())) + f",{r.truth},{vehicle},{r.ts:.3f}\n")
+        counts[r.truth] += 1
+        if len(lines) >= 1024:
+            out.writelines(lines)
+            lines.clear()
+    out.writelines(lines)
+    return counts
+
+
+def _write(
+    path: Path, rows: Iterable[Any], writer: Callable[[IO[str], Iterable[Any]], Counter[str]] = write_rows
+) -> Counter[str]:
     """Write atomically (temporary file, then rename), gzip when the name ends in ``.gz``."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -154,10 +175,10 @@ def _write(path: Path, rows: Iterable[tuple[np.ndarray, str]]) -> Counter[str]:
                     gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as gz,
                     io.TextIOWrapper(gz, encoding="utf-8", newline="") as text,
                 ):
-                    counts = write_rows(text, rows)
+                    counts = writer(text, rows)
             else:
                 with io.TextIOWrapper(raw, encoding="utf-8", newline="") as text:
-                    counts = write_rows(text, rows)
+                    counts = writer(text, rows)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -170,10 +191,11 @@ def write_dataset(path: Path | str, scenario: Scenario, *, seconds: float, rate_
     return sum(counts.values())
 
 
-def _rows(args: argparse.Namespace, scenario: Scenario) -> Iterator[tuple[np.ndarray, str]]:
+def _write_from_args(args: argparse.Namespace, scenario: Scenario) -> Counter[str]:
+    """One recording at the rate (the default), or independent drives with their drive and time columns."""
     if args.vehicles == 1 and args.every is None:
-        return generate(scenario, seconds=args.seconds, rate_hz=args.rate, seed=args.seed)
-    return generate_drives(
+        return _write(args.out, generate(scenario, seconds=args.seconds, rate_hz=args.rate, seed=args.seed))
+    drives = generate_drives(
         scenario,
         vehicles=args.vehicles,
         seconds=args.seconds,
@@ -181,6 +203,7 @@ def _rows(args: argparse.Namespace, scenario: Scenario) -> Iterator[tuple[np.nda
         seed=args.seed,
         window_s=1.0 / args.rate,
     )
+    return _write(args.out, drives, write_drive_rows)
 
 
 def register(subparsers: argparse._SubParsersAction[Any]) -> argparse.ArgumentParser:
@@ -227,7 +250,7 @@ def run(args: argparse.Namespace) -> int:
         logger.error("--vehicles must be >= 1 and --every at least one window (1/rate)")
         return 2
     try:
-        counts = _write(args.out, _rows(args, scenario))
+        counts = _write_from_args(args, scenario)
     except OSError as exc:
         logger.error("cannot write %s: %s", args.out, exc)
         return 2

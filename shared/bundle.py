@@ -93,6 +93,23 @@ class PcaReference(_Strict):
     error_p99: float
 
 
+class Decorrelation(_Strict):
+    """Seconds of one vehicle's stream that one independent record is worth, measured on the reference drives.
+
+    A window spanning ``T`` seconds of one vehicle holds at most ``T / seconds`` independent looks at a
+    quantity, however many records it has: its own records estimate their autocorrelation around the
+    window's mean and cannot see what moves slower than the window (cabin pressure, temperature, the
+    mix of events). Monitoring caps each window's effective sample sizes with it.
+    """
+
+    spacing_s: float = Field(gt=0, description="record spacing of the drives it was measured on (its resolution)")
+    features: list[float] = Field(description="per feature, in the manifest's feature order")
+    classes: float = Field(gt=0, description="predicted class (the slowest class indicator)")
+    confidence: float = Field(gt=0, description="calibrated top-class confidence")
+    pca_error: float = Field(gt=0)
+    coactivation: float = Field(gt=0, description="rare co-activation count")
+
+
 class ReferenceProfile(_Strict):
     """What the training data looked like, for drift and out-of-region checks."""
 
@@ -103,6 +120,9 @@ class ReferenceProfile(_Strict):
     activation_frequency: list[float]
     coactivation: CoactivationReference
     pca: PcaReference
+    decorrelation: Decorrelation | None = Field(
+        None, description="integrated autocorrelation times on time-ordered reference drives (absent: unknown)"
+    )
 
 
 class TensorRef(_Strict):
@@ -207,6 +227,10 @@ class Manifest(_Strict):
             raise ValueError("co-activation mask must cover every pair of hidden units")
         if any(len(row) != nf for row in ref.pca.components):
             raise ValueError("PCA components must have one weight per feature")
+        if ref.decorrelation is not None and (
+            len(ref.decorrelation.features) != nf or not all(t > 0 for t in ref.decorrelation.features)
+        ):
+            raise ValueError("decorrelation needs one positive time per feature")
         for case in self.golden:
             if len(case.input) != nf or len(case.probabilities) != nc or len(case.hidden) != nh:
                 raise ValueError("golden cases must match the input and output sizes")

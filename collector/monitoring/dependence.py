@@ -63,6 +63,7 @@ JASA 76(374) (chi-square divided by a design effect).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
@@ -205,8 +206,14 @@ class EffectiveSizes:
         )
 
     @classmethod
-    def of(cls, sketch: WindowSketch) -> EffectiveSizes:
-        """The effective sizes of one vehicle's window (its sketch's successive differences and moments)."""
+    def of(cls, sketch: WindowSketch, decorrelation_s: np.ndarray | None = None) -> EffectiveSizes:
+        """The effective sizes of one vehicle's window: its successive differences and moments, and its time.
+
+        ``decorrelation_s`` (``[F + 4]``: features, then predicted class, confidence, PCA error and
+        co-activation count; seconds per independent record on the reference drives) caps every size
+        at ``span / seconds``, ``span`` the time the window's records cover: what moves slower than the
+        window is invisible to its own records (:func:`time_capped`).
+        """
         n = sketch.n
         n_feat = (n - sketch.feature_nan).astype(np.float64)  # finite values per feature
         conf_sq = sketch.conf_sum - sketch.conf_var_sum  # Σp² = Σp - Σp(1 - p)
@@ -230,18 +237,44 @@ class EffectiveSizes:
         class_deff = decay_design_effect(
             *categorical_lag_correlations(sketch.class_same, sketch.class_pairs, sketch.class_counts), LAGS
         )
-        return cls(
-            features=effective_size(n_feat, feature_deff),
-            classes=float(effective_size(float(sketch.class_counts.sum()), class_deff)),
-            confidence=float(effective_size(sketch.conf_n, score_deff[0])),
-            pca=float(effective_size(n, score_deff[1])),
-            coact=float(effective_size(n, score_deff[2])),
+        sizes = np.concatenate(
+            [
+                effective_size(n_feat, feature_deff),
+                [
+                    effective_size(float(sketch.class_counts.sum()), class_deff),
+                    effective_size(sketch.conf_n, score_deff[0]),
+                    effective_size(n, score_deff[1]),
+                    effective_size(n, score_deff[2]),
+                ],
+            ]
         )
+        if decorrelation_s is not None:
+            sizes = time_capped(sizes, window_span(sketch), decorrelation_s)
+        nf = n_feat.size
+        return cls(sizes[:nf], float(sizes[nf]), float(sizes[nf + 1]), float(sizes[nf + 2]), float(sizes[nf + 3]))
 
 
-def total_effective(sketches: Iterable[WindowSketch], n_features: int) -> EffectiveSizes:
+def window_span(sketch: WindowSketch) -> float:
+    """Seconds one vehicle's window of records covers: first to last record, plus one record's spacing."""
+    n = sketch.n
+    if n < 2 or not (math.isfinite(sketch.ts_min) and math.isfinite(sketch.ts_max)):
+        return 0.0
+    return max(sketch.ts_max - sketch.ts_min, 0.0) * n / (n - 1)
+
+
+def time_capped(sizes: np.ndarray, span_s: float, decorrelation_s: np.ndarray) -> np.ndarray:
+    """``min(size, max(span / seconds, 1))``: at most one independent look per decorrelation time."""
+    if span_s <= 0:
+        return np.minimum(sizes, 1.0)
+    cap = np.maximum(span_s / np.asarray(decorrelation_s, dtype=np.float64), 1.0)
+    return np.minimum(sizes, cap)
+
+
+def total_effective(
+    sketches: Iterable[WindowSketch], n_features: int, decorrelation_s: np.ndarray | None = None
+) -> EffectiveSizes:
     """The effective sizes of many vehicles' windows together: each window's own, added."""
     total = EffectiveSizes(np.zeros(n_features), 0.0, 0.0, 0.0, 0.0)
     for s in sketches:
-        total = total + EffectiveSizes.of(s)
+        total = total + EffectiveSizes.of(s, decorrelation_s)
     return total

@@ -339,7 +339,7 @@ def accuracy_status(
     """
     conf = performance.ConfidenceStats(sketch.conf_n, max(sketch.conf_sum, 0.0), max(sketch.conf_var_sum, 0.0))
     expected = performance.expected_accuracy(conf, thr.accuracy_level, min_n=thr.accuracy_min_records)
-    eff = EffectiveSizes.of(sketch) if effective is None else effective
+    eff = EffectiveSizes.of(sketch, entry.bins.decorrelation_s) if effective is None else effective
     region = performance.region_reliability_from_histograms(
         entry.manifest.reference,
         sketch.pca_hist,
@@ -586,7 +586,7 @@ class _Group:
 
     def effective(self, entry: CatalogEntry) -> EffectiveSizes:
         """Effective sample sizes of the merged windows: each stored (device, window) sketch's own, added."""
-        return total_effective(self.sketches, entry.bins.n_features)
+        return total_effective(self.sketches, entry.bins.n_features, entry.bins.decorrelation_s)
 
 
 def _overall(models: list[ModelStatus]) -> tuple[Verdict, list[str], list[str]]:

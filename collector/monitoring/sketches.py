@@ -148,6 +148,9 @@ class ReferenceBins:
     coact_p99: float
     vary: np.ndarray  # bool [F]: features that should not hold one value for long
     stuck_run: int
+    decorrelation_s: np.ndarray | None = None
+    """``[F + 4]``: seconds per independent record of each feature, then of the predicted class, calibrated
+    confidence, PCA error and co-activation count, from the reference drives (None: not measured)."""
 
     @property
     def n_features(self) -> int:
@@ -222,6 +225,18 @@ class ReferenceBins:
             coact_p99=float(ref.coactivation.p99),
             vary=vary_mask,
             stuck_run=int(stuck_run),
+            decorrelation_s=None
+            if ref.decorrelation is None
+            else np.array(
+                [
+                    *ref.decorrelation.features,
+                    ref.decorrelation.classes,
+                    ref.decorrelation.confidence,
+                    ref.decorrelation.pca_error,
+                    ref.decorrelation.coactivation,
+                ],
+                dtype=np.float64,
+            ),
         )
 
 
@@ -560,7 +575,8 @@ def window_counts(bins: ReferenceBins, sketch: WindowSketch, effective: Effectiv
     """The current side of the drift tests: every histogram of ``sketch`` (features cut back to their own bins).
 
     ``effective`` are the effective sample sizes of its records; by default those of ``sketch`` as one
-    vehicle's window. A sketch merged from several vehicles' windows needs the sum of theirs
+    vehicle's window, capped by its time span and the reference's decorrelation times. A sketch merged
+    from several vehicles' windows needs the sum of theirs
     (:func:`~collector.monitoring.dependence.total_effective`).
     """
     return WindowCounts(
@@ -569,7 +585,7 @@ def window_counts(bins: ReferenceBins, sketch: WindowSketch, effective: Effectiv
         confidence_counts=sketch.confidence_hist,
         pca_error_counts=sketch.pca_hist,
         coactivation_counts=sketch.coact_hist,
-        effective=EffectiveSizes.of(sketch) if effective is None else effective,
+        effective=EffectiveSizes.of(sketch, bins.decorrelation_s) if effective is None else effective,
     )
 
 

@@ -20,6 +20,9 @@ log = logging.getLogger(__name__)
 # Cells read as a missing value rather than as text.
 MISSING_TOKENS = frozenset({"", "na", "nan", "n/a", "null", "none"})
 MIN_ROWS_PER_CLASS = 3  # one each for training, validation and test
+TIME_COLUMNS = ("drive", "ts_s")
+"""Optional columns of a monitoring reference file: the drive (vehicle) a record belongs to, a number, and its
+time in seconds. With them the trainer measures how long each monitored quantity takes to decorrelate."""
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,19 @@ class LabelledTable:
     def n_dropped(self) -> int:
         """Rows read but not used."""
         return sum(self.rows_dropped.values())
+
+
+def has_columns(path: Path, names: tuple[str, ...]) -> bool:
+    """Whether the CSV's header (plain or gzip) names every one of ``names``."""
+    try:
+        with Path(path).open("rb") as raw:
+            gz = raw.read(2) == b"\x1f\x8b"
+        opener = gzip.open if gz else open
+        with opener(path, "rt", encoding="utf-8-sig", newline="") as text:
+            header = next(csv.reader(text), [])
+    except (OSError, UnicodeDecodeError, csv.Error, EOFError):
+        return False
+    return set(names) <= {h.strip() for h in header}
 
 
 def _read_text(path: Path) -> tuple[str, str]:

@@ -28,6 +28,7 @@ count; inputs unlike the training data fire many more of them.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ import numpy as np
 
 from shared.bundle import (
     CoactivationReference,
+    Decorrelation,
     FeatureReference,
     Histogram,
     PcaReference,
@@ -49,6 +51,81 @@ DEFAULT_BINS = 20
 OUTER_MARGIN = 0.05
 RARE_PAIR_THRESHOLD = 0.01
 PCA_VARIANCE = 0.95
+
+
+# ------------------------------------------------------------------------------ decorrelation
+
+
+def integrated_autocorrelation_time(series: list[np.ndarray], max_lag_fraction: float = 0.5) -> float:
+    """``1 + 2 Σ_k ρ_k`` (in records) of one stationary quantity observed as several regular series.
+
+    The autocovariance pools every series around their common mean (so offsets between drives count
+    as slow variation, which a single vehicle's window cannot see either) and is computed with the
+    FFT up to ``max_lag_fraction`` of the shortest series. The sum is Geyer's initial monotone
+    sequence estimator: pairs ``Γ_m = ρ_2m + ρ_2m+1`` are summed while positive, each at most the one
+    before, and ``τ = 2 Σ Γ_m - 1`` (at least 1). A constant quantity has ``τ = 1``.
+
+    Geyer, C. J. (1992). Practical Markov chain Monte Carlo. Statistical Science 7(4).
+    """
+    parts = [np.asarray(x, dtype=np.float64) for x in series if np.asarray(x).size >= 8]
+    if not parts:
+        return 1.0
+    mean = float(np.concatenate(parts).mean())
+    max_lag = max(2, int(min(x.size for x in parts) * max_lag_fraction))
+    acov = np.zeros(max_lag)
+    pairs = np.zeros(max_lag)
+    for x in parts:
+        c = x - mean
+        size = 1 << int(2 * c.size - 1).bit_length()
+        f = np.fft.rfft(c, size)
+        full = np.fft.irfft(f * np.conj(f), size)[:max_lag]
+        acov += full
+        pairs += np.maximum(c.size - np.arange(max_lag), 0)
+    gamma0 = acov[0] / pairs[0]
+    if not gamma0 > 1e-300:
+        return 1.0
+    rho = (acov / pairs) / gamma0
+    tau, previous = 0.0, math.inf
+    for m in range(len(rho) // 2):
+        g = min(rho[2 * m] + rho[2 * m + 1], previous)
+        if g <= 0:
+            break
+        tau += g
+        previous = g
+    return max(2.0 * tau - 1.0, 1.0)
+
+
+def decorrelation_seconds(values: np.ndarray, drive: np.ndarray, ts: np.ndarray) -> tuple[float, np.ndarray]:
+    """``(spacing_s, seconds per independent record)`` of each column of ``values`` ``[n, k]`` on time-ordered drives.
+
+    ``drive`` names the drive (vehicle) of each row and ``ts`` its time in seconds; rows are ordered by
+    (drive, ts) here. The spacing is the median step between consecutive rows of a drive; a drive whose
+    steps differ from it by more than 1 % is split there (a gap). The time of a column is the spacing
+    times its integrated autocorrelation time.
+    """
+    x = np.asarray(values, dtype=np.float64)
+    if x.ndim == 1:
+        x = x[:, None]
+    d = np.asarray(drive)
+    t = np.asarray(ts, dtype=np.float64)
+    if not (x.shape[0] == d.shape[0] == t.shape[0]) or x.shape[0] < 16:
+        raise ValueError("values, drive and ts need one entry per row, at least 16 rows")
+    if not np.isfinite(t).all():
+        raise ValueError("ts must be finite")
+    order = np.lexsort((t, d))
+    x, d, t = x[order], d[order], t[order]
+    step = np.diff(t)
+    same = d[1:] == d[:-1]
+    if not (same & (step > 0)).any():
+        raise ValueError("no drive holds two records at different times")
+    spacing = float(np.median(step[same & (step > 0)]))
+    cut = np.flatnonzero(~same | (np.abs(step - spacing) > 0.01 * spacing)) + 1
+    bounds = np.concatenate([[0], cut, [x.shape[0]]])
+    seconds = np.empty(x.shape[1])
+    for col in range(x.shape[1]):
+        series = [x[lo:hi, col] for lo, hi in itertools.pairwise(bounds)]
+        seconds[col] = spacing * integrated_autocorrelation_time(series)
+    return spacing, seconds
 
 
 # --------------------------------------------------------------------------------- histograms
@@ -352,6 +429,11 @@ class ReferenceInputs:
     hidden_reference: np.ndarray | None = None
     confidence_reference: np.ndarray | None = None
     pred_reference: np.ndarray | None = None
+    drive_reference: np.ndarray | None = None
+    """the drive (vehicle) of each reference record, when the reference file says (``drive`` column)"""
+    ts_reference: np.ndarray | None = None
+    """the time of each reference record in seconds (``ts_s`` column): with the drive, the decorrelation
+    times of the monitored quantities are measured"""
 
 
 def build_reference_profile(
@@ -390,13 +472,27 @@ def build_reference_profile(
     conf_scores = data.confidence_reference if ref else data.confidence_held_out
     pred_scores = data.pred_reference if ref else data.pred_held_out
     assert x_live is not None and z_scores is not None and hidden_scores is not None and conf_scores is not None
-    coactivation, _ = coactivation_reference(
+    coactivation, rare_mask = coactivation_reference(
         active_units(data.hidden_train), active_units(hidden_scores), rare_threshold, bins
     )
     conf = np.asarray(conf_scores, dtype=np.float64)
     # Monitoring compares the PREDICTED classes of live records with these priors, so they are the
     # model's predicted mix on unseen records (its confusion alone moves it off the label mix).
     priors = class_priors(data.y_train if pred_scores is None else pred_scores, n_classes)
+    pca = pca_reference(data.z_train, z_scores, pca_variance, bins)
+    decorrelation = None
+    if ref and data.drive_reference is not None and data.ts_reference is not None:
+        assert data.pred_reference is not None
+        decorrelation = decorrelation_reference(
+            x_live,
+            pred=data.pred_reference,
+            n_classes=n_classes,
+            confidence=conf,
+            pca_error=reconstruction_error(z_scores, pca.components),
+            coactivation=rare_coactivation_counts(active_units(hidden_scores), rare_mask),
+            drive=data.drive_reference,
+            ts=data.ts_reference,
+        )
     return ReferenceProfile(
         n_samples=int(x_live.shape[0]),
         features=feature_references(x_live, feature_names, bins),
@@ -404,5 +500,42 @@ def build_reference_profile(
         confidence_histogram=histogram(conf, quantile_edges(conf, bins, lower=0.0, upper=1.0)),
         activation_frequency=activation_frequency(active_units(data.hidden_train)).tolist(),
         coactivation=coactivation,
-        pca=pca_reference(data.z_train, z_scores, pca_variance, bins),
+        pca=pca,
+        decorrelation=decorrelation,
+    )
+
+
+def decorrelation_reference(
+    x: np.ndarray,
+    *,
+    pred: np.ndarray,
+    n_classes: int,
+    confidence: np.ndarray,
+    pca_error: np.ndarray,
+    coactivation: np.ndarray,
+    drive: np.ndarray,
+    ts: np.ndarray,
+) -> Decorrelation:
+    """The reference drives' decorrelation times of every input and model signal (:func:`decorrelation_seconds`).
+
+    The predicted class counts as its slowest class indicator among the classes predicted in at
+    least 1 % of the records (a rare class's indicator says little about the mix).
+    """
+    p = np.asarray(pred)
+    shares = np.bincount(p, minlength=n_classes) / max(p.size, 1)
+    common = [k for k in range(n_classes) if shares[k] >= 0.01]
+    columns = [
+        np.asarray(x, dtype=np.float64),
+        np.stack([(p == k).astype(np.float64) for k in common], axis=1),
+        np.stack([confidence, pca_error, coactivation], axis=1).astype(np.float64),
+    ]
+    spacing, seconds = decorrelation_seconds(np.concatenate(columns, axis=1), drive, ts)
+    nf, nk = columns[0].shape[1], len(common)
+    return Decorrelation(
+        spacing_s=spacing,
+        features=[float(v) for v in seconds[:nf]],
+        classes=float(seconds[nf : nf + nk].max()) if nk else spacing,
+        confidence=float(seconds[nf + nk]),
+        pca_error=float(seconds[nf + nk + 1]),
+        coactivation=float(seconds[nf + nk + 2]),
     )

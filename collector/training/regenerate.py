@@ -56,7 +56,6 @@ REFERENCE_EVERY_S = 8.0
 REFERENCE_SEED = 2
 
 
-
 def generate_dataset(
     out: Path = DATASET,
     *,

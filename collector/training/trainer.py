@@ -11,6 +11,7 @@ TensorFlow is imported only here, so the rest of the collector runs without the 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import importlib.metadata
 import logging
@@ -27,7 +28,7 @@ from pydantic import TypeAdapter, ValidationError
 from collector.training import evaluation
 from collector.training.convert import VERIFY_BACKEND, identify_outputs, keras_to_tflite, run_tflite
 from collector.training.errors import TrainingError
-from collector.training.labelled import LabelledTable, load_labelled_csv, stratified_split
+from collector.training.labelled import TIME_COLUMNS, LabelledTable, has_columns, load_labelled_csv, stratified_split
 from collector.training.reference import ReferenceInputs, build_reference_profile
 from shared.bundle import (
     BundleError,
@@ -258,13 +259,24 @@ def train_bundle(
     held_out = np.concatenate([val, test])
     ref_inputs: dict[str, np.ndarray] = {}
     if reference_csv is not None:
+        timed = has_columns(Path(reference_csv), TIME_COLUMNS)
         ref_table = load_labelled_csv(
-            Path(reference_csv), label_column=label_column, feature_columns=list(table.feature_names)
+            Path(reference_csv),
+            label_column=label_column,
+            feature_columns=[*table.feature_names, *(TIME_COLUMNS if timed else ())],
         )
+        if timed:
+            # The drive and time columns say where each record sits in its stream, for the decorrelation times.
+            nf = len(table.feature_names)
+            ref_inputs["drive_reference"] = ref_table.x[:, nf].copy()
+            ref_inputs["ts_reference"] = ref_table.x[:, nf + 1].copy()
+            ref_table = dataclasses.replace(
+                ref_table, x=ref_table.x[:, :nf], feature_names=ref_table.feature_names[:nf]
+            )
         z_ref = normalise(ref_table.x, mean, std)
         ref_probs, ref_hidden = _predict(model, z_ref)
         ref_calibrated = calibrate(ref_probs, temperature)
-        ref_inputs = {
+        ref_inputs |= {
             "x_reference": ref_table.x,
             "z_reference": z_ref,
             "hidden_reference": ref_hidden,

@@ -508,3 +508,41 @@ def test_reference_csv_makes_the_monitoring_reference(gas_csv: Path, tmp_path: P
     # Priors are the model's predicted mix on those records: shares of whole records.
     assert sum(ref.class_priors) == pytest.approx(1.0)
     assert all(round(p * len(rows), 6) == round(p * len(rows)) for p in ref.class_priors)
+    # Without drive and time columns nothing says how records follow each other: no decorrelation times.
+    assert ref.decorrelation is None
+
+
+def test_reference_with_drive_and_time_columns_measures_decorrelation(gas_csv: Path, tmp_path: Path) -> None:
+    """Batches 3 and 4 of the gas data as two time-ordered drives: the trainer measures decorrelation times."""
+    pytest.importorskip("tensorflow", reason="the train extra is not installed")
+    from collector.training.reference import decorrelation_seconds
+    from collector.training.trainer import train_bundle
+
+    with gzip.open(GAS, "rt", newline="") as fh:
+        reader = csv.reader(fh)
+        header = next(reader)
+        rows = [row for row in reader if row[0] in ("3", "4")]
+    drive = [int(r[0]) for r in rows]
+    ts = [10.0 * sum(1 for d in drive[:k] if d == drive[k]) for k in range(len(rows))]
+    timed = [[*r, d, t] for r, d, t in zip(rows, drive, ts, strict=True)]
+    reference = write_csv(tmp_path / "gas_b34.csv", [*header, "drive", "ts_s"], timed)
+    result = train_bundle(
+        gas_csv,
+        label_column="gas",
+        feature_columns=GAS_FEATURES,
+        out=tmp_path / "gas.tar",
+        signing_key=DEV_KEY,
+        name="gas-test",
+        version="0.0.3",
+        epochs=4,
+        seed=0,
+        reference_csv=reference,
+    )
+    ref = load_bundle(result.bundle_path, load_public_keys([DEV_PUB])).manifest.reference
+    assert ref.n_samples == len(rows)  # the time columns are not features
+    dec = ref.decorrelation
+    assert dec is not None and dec.spacing_s == 10.0 and len(dec.features) == len(GAS_FEATURES)
+    x = np.array([[float(r[header.index(f)]) for f in GAS_FEATURES] for r in rows])
+    _, expected = decorrelation_seconds(x, np.array(drive), np.array(ts))
+    assert dec.features == pytest.approx(expected.tolist())
+    assert min(dec.features) >= 10.0 and min(dec.classes, dec.confidence, dec.pca_error, dec.coactivation) >= 10.0

@@ -120,15 +120,18 @@ def test_drives_are_independent_vehicles_recorded_every_few_seconds() -> None:
     cabin = SimulatedCabin(sc, seed=5 * dataset.DRIVE_SEED_STRIDE + k, rate_hz=10.0, start_ts=-phase)
     cabin.advance(phase)
     pipeline = FeaturePipeline()
-    for features, label in drives[40:]:
+    assert [v for v, _ in drives] == [0] * 20 + [1] * 20 + [2] * 20
+    for vehicle, r in drives[40:]:
         obs = cabin.read()
-        assert label == (obs.truth or "normal") and np.array_equal(features, pipeline(obs.env, obs.audio)[0])
+        assert vehicle == k and r.truth == (obs.truth or "normal") and r.ts == obs.ts
+        assert np.array_equal(r.features, pipeline(obs.env, obs.audio)[0])
         cabin.advance(0.7)
+    assert np.allclose(np.diff([r.ts for _, r in drives[40:]]), 0.8)
     # Same seed, same drives; another seed, other vehicles.
     again = list(dataset.generate_drives(sc, vehicles=3, seconds=16.0, every_s=0.8, seed=5))
-    assert all(np.array_equal(a[0], b[0]) for a, b in zip(drives, again, strict=True))
+    assert all(np.array_equal(a[1].features, b[1].features) for a, b in zip(drives, again, strict=True))
     other = list(dataset.generate_drives(sc, vehicles=1, seconds=16.0, every_s=0.8, seed=6))
-    assert not np.array_equal(np.stack([f for f, _ in other]), np.stack([f for f, _ in drives[:20]]))
+    assert not np.array_equal(np.stack([r.features for _, r in other]), np.stack([r.features for _, r in drives[:20]]))
     with pytest.raises(ValueError, match="every_s"):
         next(dataset.drive(sc, records=1, every_s=0.05))
 
@@ -147,7 +150,10 @@ def test_cli_writes_drives(tmp_path: Path) -> None:
         ["dataset", "--scenario", str(scenario), "--seconds", "8", "--every", "2", "--vehicles", "2", "--out", str(out)]
     )
     assert args.func(args) == 0
-    assert len(out.read_text().splitlines()) == 1 + 2 * 4
+    header, *body = out.read_text().splitlines()
+    # Drives carry which vehicle and when: the trainer measures decorrelation times on them.
+    assert header.split(",")[-3:] == ["label", "drive", "ts_s"] and len(body) == 2 * 4
+    assert [line.split(",")[-2] for line in body] == ["0"] * 4 + ["1"] * 4
     bad = parser.parse_args(
         ["dataset", "--scenario", str(scenario), "--seconds", "8", "--every", "0.01", "--out", str(out)]
     )

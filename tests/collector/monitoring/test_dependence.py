@@ -19,7 +19,9 @@ from collector.monitoring.dependence import (
     design_effect_of,
     effective_size,
     lag_correlations,
+    time_capped,
     total_effective,
+    window_span,
 )
 from collector.monitoring.drift import (
     ReferenceCounts,
@@ -32,6 +34,7 @@ from collector.monitoring.drift import (
 )
 from collector.monitoring.performance import ExceedanceCounts, region_reliability
 from collector.monitoring.sketches import ReferenceBins, sketch_block
+from collector.training.reference import decorrelation_seconds, integrated_autocorrelation_time
 from tests.collector.monitoring.test_sketches import T0, block, small_manifest
 
 
@@ -247,3 +250,53 @@ def test_autocorrelated_windows_are_not_drift_with_effective_sizes() -> None:
     assert rate[(0.9, False)] > 0.4 and rate[(0.5, False)] > 0.1  # independent: far above the 5 % level
     assert abstain[(0.9, True)] > 0.95  # a few independent readings: not enough data
     assert rate[(0.9, True)] <= 0.02 and rate[(0.5, True)] <= 0.08
+
+
+# ------------------------------------------------------------------ decorrelation times and the time cap
+
+
+def test_integrated_autocorrelation_time_of_ar1_drives() -> None:
+    rng = np.random.default_rng(21)
+    for rho in (0.0, 0.5, 0.9):
+        drives = [ar1(20_000, rho, rng)[:, 0] for _ in range(4)]
+        assert integrated_autocorrelation_time(drives) == pytest.approx((1 + rho) / (1 - rho), rel=0.08)
+    assert integrated_autocorrelation_time([np.full(100, 2.0)]) == 1.0  # constant: nothing to say
+    assert integrated_autocorrelation_time([np.arange(5.0)]) == 1.0  # too short to estimate
+    # Offsets between drives count as slow variation: one vehicle's window cannot see them either.
+    offset = [rng.standard_normal(2_000) + 3.0 * k for k in range(4)]
+    assert integrated_autocorrelation_time(offset) > 10
+
+
+def test_decorrelation_seconds_orders_rows_and_splits_at_gaps() -> None:
+    rng = np.random.default_rng(22)
+    x = np.concatenate([ar1(3_000, 0.8, rng)[:, 0], ar1(3_000, 0.8, rng)[:, 0]])
+    drive = np.repeat([7, 3], 3_000)
+    ts = np.concatenate([np.arange(3_000) * 8.0, np.arange(3_000) * 8.0 + 1e6])
+    order = rng.permutation(x.size)  # the rows' order in the file does not matter
+    spacing, seconds = decorrelation_seconds(x[order], drive[order], ts[order])
+    assert spacing == 8.0 and seconds[0] == pytest.approx(8.0 * 9.0, rel=0.15)  # (1 + 0.8) / (1 - 0.8) records
+    # A gap inside a drive splits it: pairs never span it.
+    gap = ts.copy()
+    gap[1_500:3_000] += 3_600.0
+    assert decorrelation_seconds(x, drive, gap)[1][0] == pytest.approx(seconds[0], rel=0.1)
+    with pytest.raises(ValueError, match="one entry per row"):
+        decorrelation_seconds(x[:10], drive[:10], ts[:10])
+
+
+def test_effective_sizes_are_capped_by_the_window_span() -> None:
+    bins = ReferenceBins.from_manifest(small_manifest())
+    rng = np.random.default_rng(23)
+    x = rng.normal([1.0, 0.0, 0.5], [0.4, 3.0, 0.3], (113, 3)).astype(np.float32)
+    ts = T0 + np.arange(113) * 8.0  # 113 records 8 s apart: a 15-minute window spans 904 s
+    pred = rng.integers(0, 3, 113).astype(np.int16)
+    coact = rng.poisson(2.0, 113).astype(np.uint16)
+    s = sketch_block(bins, block(x, ts=ts, pred=pred, coact=coact), received_at=T0 + 1e3)
+    assert window_span(s) == pytest.approx(904.0)
+    free = EffectiveSizes.of(s)
+    # Independent records, but the reference says temperature decorrelates in 175 s: about 5 looks in 904 s.
+    decorrelation = np.array([175.0, 20.0, 1.0, 37.0, 17.0, 17.0, 19.0])
+    capped = EffectiveSizes.of(s, decorrelation)
+    assert capped.features.tolist() == pytest.approx([904 / 175, 904 / 20, free.features[2]])
+    assert capped.classes == pytest.approx(min(free.classes, 904 / 37)) and capped.coact == pytest.approx(904 / 19)
+    assert time_capped(np.array([50.0]), 0.0, np.array([10.0])).tolist() == [1.0]  # one record: one look
+    assert time_capped(np.array([0.0, 3.0]), 100.0, np.array([1000.0, 1.0])).tolist() == [0.0, 3.0]

@@ -32,7 +32,7 @@ from collector.monitoring.windows import WindowWriter
 from collector.mqtt import InboundMessage
 from collector.training.labelled import load_labelled_csv
 from collector.training.reference import bin_index
-from edge_agent.dataset import generate_drives, write_rows
+from edge_agent.dataset import generate_drives, write_drive_rows
 from edge_agent.sensors.simulated import load_scenario
 from shared.bundle import Manifest, calibrate, load_bundle, rare_pair_indices
 from shared.codec import encode_batch
@@ -117,7 +117,7 @@ def cabin() -> Cabin:
     with tempfile.TemporaryDirectory(prefix="cabin-pool-") as tmp:
         path = Path(tmp) / "drives.csv"
         with path.open("w", encoding="utf-8", newline="") as out:
-            write_rows(out, drives)
+            write_drive_rows(out, drives)
         table = load_labelled_csv(path, label_column="label", feature_columns=list(m.features))
     x64 = np.asarray(table.x, dtype=np.float64)
     # The table's label indexes follow its own sorted labels; the model's follow the manifest.
