@@ -27,8 +27,8 @@ in simulated time, in one process, through the same code a deployed fleet goes t
 5. **Diagnosis** (``--no-diagnosis`` skips it): the drift tests again on every stored window against the
    committed reference and a representative one, and with effective sample sizes (:func:`diagnose`).
 
-``--reference-vehicles`` runs the whole day with the committed model retrained with its monitoring
-reference on independent simulated drives (:func:`independent_reference_bundle`).
+The committed bundle's monitoring reference is itself a set of independent simulated drives
+(``collector/training/regenerate.py``), never the vehicles of this run.
 
 What "stationary" means here: every vehicle runs the scenario the reference was built from
 (``training``: normal driving with vaping, smoking, knocks and open windows in the reference's
@@ -50,6 +50,7 @@ Results and what they mean: docs/MONITORING.md, "Experiment: no alarm storm, and
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import logging
 import math
@@ -79,35 +80,25 @@ from collector.db.engine import make_engine, upgrade
 from collector.db.models import Alert, SequentialAlarm
 from collector.ingest.service import Ingest, prepare
 from collector.monitoring.catalog import CatalogEntry, ReferenceCatalog
-from collector.monitoring.drift import (
-    DriftThresholds,
-    ReferenceCounts,
-    _kolmogorov_sf,
-    benjamini_hochberg,
-    binned_ks,
-    evaluate_family,
-    psi,
-    stack_counts,
-)
+from collector.monitoring.dependence import total_effective
+from collector.monitoring.drift import DriftThresholds, WindowCounts, evaluate_family
 from collector.monitoring.offline import reference_counts
 from collector.monitoring.service import MonitoringService
-from collector.monitoring.sketches import WindowSketch
-from collector.monitoring.sketches import window_counts as offline_window_counts
+from collector.monitoring.sketches import WindowSketch, window_counts
 from collector.monitoring.windows import WINDOW_TABLE
 from collector.mqtt import InboundMessage
+from edge_agent.dataset import DRIVE_SEED_STRIDE, drive, drive_phase
 from edge_agent.inference import Engine, InferenceColumns
 from edge_agent.sensors.simulated import (
     SCENARIO_DIR,
     AgeingSegment,
     Scenario,
-    SimulatedCabin,
     load_scenario,
     parse_scenario,
 )
 from shared import messages, topics
 from shared.bundle import load_bundle
 from shared.codec import Batch, encode_batch
-from shared.features import FeaturePipeline
 from shared.signing import load_public_keys
 
 log = logging.getLogger("benchmarks.alarm_storm")
@@ -261,32 +252,26 @@ def vehicle_scenario(plan: Plan, number: int, phase_s: float) -> Scenario:
 def simulate_vehicle(plan: Plan, number: int) -> Traffic:
     """Vehicle ``number``'s records over the whole run (deterministic for the plan's seed)."""
     started = time.process_time()
-    rng = np.random.default_rng([plan.seed, number, 0xA1A])
-    probe = load_scenario(plan.scenario)
-    phase = float(rng.uniform(0.0, probe.period)) if probe.period > 0 else 0.0
-    phase = round(phase / AUDIO_WINDOW_S) * AUDIO_WINDOW_S
-    cabin = SimulatedCabin(
-        vehicle_scenario(plan, number, phase),
-        seed=plan.seed * 100_003 + number,
-        rate_hz=1.0 / AUDIO_WINDOW_S,
-        start_ts=plan.start_ts - phase,
+    phase = drive_phase(load_scenario(plan.scenario), plan.seed, number, AUDIO_WINDOW_S)
+    records = list(
+        drive(
+            vehicle_scenario(plan, number, phase),
+            records=plan.records_per_device,
+            window_s=AUDIO_WINDOW_S,
+            every_s=plan.period_s,
+            seed=plan.seed * DRIVE_SEED_STRIDE + number,
+            phase_s=phase,
+            start_ts=plan.start_ts,
+        )
     )
-    cabin.advance(phase)
-    pipeline = FeaturePipeline(sample_rate=cabin.sample_rate)
-    n = plan.records_per_device
-    features = np.empty((n, 40), np.float32)
-    flags = np.zeros(n, np.uint16)
-    ts = np.empty(n, np.float64)
-    truth: list[str] = []
-    skip = (plan.step_windows - 1) * AUDIO_WINDOW_S
-    for i in range(n):
-        obs = cabin.read()
-        features[i], flags[i] = pipeline(obs.env, obs.audio)
-        ts[i] = obs.ts
-        truth.append(obs.truth or "normal")
-        if skip:
-            cabin.advance(skip)
-    return Traffic(number, features, flags, ts, truth, time.process_time() - started)
+    return Traffic(
+        number,
+        np.stack([r.features for r in records]).astype(np.float32),
+        np.array([r.flags for r in records], np.uint16),
+        np.array([r.ts for r in records], np.float64),
+        [r.truth for r in records],
+        time.process_time() - started,
+    )
 
 
 def _simulate(args: tuple[Plan, int]) -> Traffic:
@@ -515,55 +500,21 @@ def _reason_kind(reason: str) -> str:
     return reason.split()[0]
 
 
-def _lag1(x: np.ndarray) -> np.ndarray:
-    """Lag-1 autocorrelation of each column of ``x`` (records in time order), clipped to [0, 0.999]."""
-    if x.shape[0] < 3:
-        return np.zeros(x.shape[1])
-    a, b = x[:-1] - x[:-1].mean(axis=0), x[1:] - x[1:].mean(axis=0)
-    den = np.sqrt((a * a).sum(axis=0) * (b * b).sum(axis=0))
-    r = np.divide((a * b).sum(axis=0), den, out=np.zeros(x.shape[1]), where=den > 0)
-    return np.clip(np.nan_to_num(r), 0.0, 0.999)
-
-
-def dependent_input_drift(ref: ReferenceCounts, cur: np.ndarray, n_eff: np.ndarray, thr: DriftThresholds) -> bool:
-    """The shipped ``input_drift`` rule with every feature's sample size replaced by its effective one.
-
-    A prototype of the fix proposed in docs/MONITORING.md, not shipped code: records of one vehicle a
-    few seconds apart are not independent, and with lag-1 autocorrelation rho a window of n records
-    carries about ``n (1 - rho) / (1 + rho)`` independent ones (AR(1) approximation, Bayley and
-    Hammersley 1946). That effective size enters the KS p-value, the minimum-sample rule and the PSI's
-    small-sample bias, which is about ``(B - 1) (1 / n + 1 / N)`` for B bins (the PSI is a chi-square
-    divergence over n to first order) and is subtracted before the PSI floors apply.
-    """
-    r = stack_counts(ref.feature_counts)
-    n_ref = r.sum(axis=1).astype(np.float64)
-    d, _ = binned_ks(r, cur)
-    p = _kolmogorov_sf(d, n_ref, n_eff)
-    bias = ((r > 0).sum(axis=1) - 1) * (1.0 / np.maximum(n_eff, 1.0) + 1.0 / n_ref)
-    score = psi(r, cur, thr.eps) - bias
-    enough = (n_eff >= thr.min_current) & (n_ref >= thr.min_reference)
-    if not enough.any():
-        return False
-    _, q = benjamini_hochberg(np.where(enough, p, np.nan), thr.fdr_q)
-    drifting = enough & (q <= thr.fdr_q) & (score >= thr.psi_minor)
-    return bool(drifting.sum() / enough.sum() >= thr.drift_share or (drifting & (score >= thr.psi_major)).any())
-
-
-def _first_delay(post: list[tuple[float, str, str]], col: int, onset: float | None, window_s: float) -> float | None:
-    """Windows from the onset to the end of the first window after it whose verdict in column ``col`` is drift."""
-    hit = [g[0] for g in post if g[col] == "drift"]
+def _first_delay(post: list[tuple[float, str]], onset: float | None, window_s: float) -> float | None:
+    """Windows from the onset to the end of the first window after it whose verdict is drift."""
+    hit = [start for start, verdict in post if verdict == "drift"]
     return None if not hit or onset is None else round((hit[0] + window_s - onset) / window_s, 3)
 
 
 def diagnose(db: DbEngine, entry: CatalogEntry, plan: Plan, vehicles: Sequence[Vehicle]) -> dict[str, Any]:
-    """Why stationary windows are judged drifted, measured on the run's own stored windows.
+    """How the run's stored windows are judged, and what the effective sample sizes change.
 
-    The same tests (:func:`~collector.monitoring.drift.evaluate_family`, BH across the devices of a
-    window) against the committed reference and against a *representative* one: the pooled windows of
-    every other stationary vehicle over the whole run (other seeds, other loop phases, the same wire
-    and pipeline; predicted-class priors), judged on the remaining stationary vehicles. Per device,
-    fleet (the tested vehicles merged) and group scope (the ageing vehicles merged). Then the input
-    drift rule with effective sample sizes (:func:`dependent_input_drift`).
+    The drift tests (:func:`~collector.monitoring.drift.evaluate_family`, BH across the devices of a
+    window) on every whole window, per device, fleet (the tested stationary vehicles merged) and group
+    scope (the ageing vehicles merged), against the committed reference and against a *representative*
+    one (the pooled windows of every other stationary vehicle over the whole run), each twice: with the
+    effective sample sizes the collector uses (each vehicle window's own, added over the vehicles a scope
+    merges) and with every record counted as independent (the tests before effective sizes).
     """
     bins = entry.bins
     c = WINDOW_TABLE.c
@@ -585,18 +536,14 @@ def diagnose(db: DbEngine, entry: CatalogEntry, plan: Plan, vehicles: Sequence[V
         for sk in stored.get(dev, {}).values():
             pooled = pooled + sk
     refs = {"committed": entry.reference, "representative": reference_counts(bins, pooled)}
-    wire = {v.device_id: (v.ts, v.cols.features.astype(np.float16).astype(np.float64)) for v in vehicles}
     starts = sorted({s for dev in stored.values() for s in dev})
     onset = plan.onset_ts
     thr = DriftThresholds()
 
-    def counts(sk: WindowSketch) -> np.ndarray:
-        return stack_counts([sk.feature_hist[f, :nb] for f, nb in enumerate(bins.feature_nbins)])
-
-    def n_eff(dev: str, start: float, n: int) -> np.ndarray:
-        ts, x = wire[dev]
-        rho = _lag1(x[(ts >= start) & (ts < start + plan.window_s)])
-        return np.clip(n * (1.0 - rho) / (1.0 + rho), 1.0, n)
+    def counts(merged: WindowSketch, parts: Sequence[WindowSketch], independent: bool) -> WindowCounts:
+        if independent:  # every record its own independent sample
+            return dataclasses.replace(window_counts(bins, merged), effective=None)
+        return window_counts(bins, merged, total_effective(parts, bins.n_features, bins.decorrelation_s))
 
     out: dict[str, Any] = {
         "reference_records": {"committed": int(entry.reference.feature_counts[0].sum()), "representative": pooled.n},
@@ -604,56 +551,52 @@ def diagnose(db: DbEngine, entry: CatalogEntry, plan: Plan, vehicles: Sequence[V
         "tested_devices": len(tested),
     }
     for name, ref in refs.items():
-        dev_windows = dev_drift = fleet_windows = fleet_drift = dev_neff = 0
-        dev_reasons: Counter[str] = Counter()
-        fleet_reasons: Counter[str] = Counter()
-        group: list[tuple[float, str, str]] = []
-        for start in starts:
-            mine = {d: stored[d][start] for d in tested if start in stored.get(d, {}) and stored[d][start].n >= full}
-            if mine:
-                reports = evaluate_family(ref, {d: offline_window_counts(bins, sk) for d, sk in mine.items()}, thr)
-                dev_windows += len(reports)
-                for rep in reports.values():
-                    dev_drift += rep.verdict == "drift"
-                    dev_reasons.update({_reason_kind(r) for r in rep.reasons})
-                dev_neff += sum(
-                    dependent_input_drift(ref, counts(sk), n_eff(d, start, sk.n), thr) for d, sk in mine.items()
-                )
-                merged = sum(mine.values(), WindowSketch.empty(bins))
-                rep = evaluate_family(ref, {"fleet": offline_window_counts(bins, merged)}, thr)["fleet"]
-                fleet_windows += 1
-                fleet_drift += rep.verdict == "drift"
-                fleet_reasons.update({_reason_kind(r) for r in rep.reasons})
-            members = {d: stored[d][start] for d in ageing if start in stored.get(d, {}) and stored[d][start].n >= full}
-            if members:
-                merged = sum(members.values(), WindowSketch.empty(bins))
-                rep = evaluate_family(ref, {"group": offline_window_counts(bins, merged)}, thr)["group"]
-                eff = np.sum([n_eff(d, start, sk.n) for d, sk in members.items()], axis=0)
-                dep = dependent_input_drift(ref, counts(merged), eff, thr)
-                group.append((start, rep.verdict, "drift" if dep else "ok"))
-        pre = [g for g in group if onset is None or g[0] + plan.window_s <= onset]
-        post = [g for g in group if onset is not None and g[0] >= onset]
-
-        out[name] = {
-            "device_windows": dev_windows,
-            "device_windows_drift": dev_drift,
-            "device_reasons": dict(dev_reasons.most_common()),
-            "device_windows_input_drift_n_eff": dev_neff,
-            "fleet_windows": fleet_windows,
-            "fleet_windows_drift": fleet_drift,
-            "fleet_reasons": dict(fleet_reasons.most_common()),
-            "group_windows_before_onset": len(pre),
-            "group_drift_before_onset": sum(g[1] == "drift" for g in pre),
-            "group_input_drift_n_eff_before_onset": sum(g[2] == "drift" for g in pre),
-            "group_first_drift_delay_windows": _first_delay(post, 1, onset, plan.window_s),
-            "group_first_input_drift_n_eff_delay_windows": _first_delay(post, 2, onset, plan.window_s),
-        }
+        for mode in ("effective", "independent"):
+            independent = mode == "independent"
+            dev_windows = dev_drift = fleet_windows = fleet_drift = 0
+            dev_reasons: Counter[str] = Counter()
+            fleet_reasons: Counter[str] = Counter()
+            group: list[tuple[float, str]] = []
+            for start in starts:
+                mine = {
+                    d: stored[d][start] for d in tested if start in stored.get(d, {}) and stored[d][start].n >= full
+                }
+                if mine:
+                    family = {d: counts(sk, [sk], independent) for d, sk in mine.items()}
+                    for rep in evaluate_family(ref, family, thr).values():
+                        dev_windows += 1
+                        dev_drift += rep.verdict == "drift"
+                        dev_reasons.update({_reason_kind(r) for r in rep.reasons})
+                    merged = sum(mine.values(), WindowSketch.empty(bins))
+                    fleet = counts(merged, list(mine.values()), independent)
+                    rep = evaluate_family(ref, {"fleet": fleet}, thr)["fleet"]
+                    fleet_windows += 1
+                    fleet_drift += rep.verdict == "drift"
+                    fleet_reasons.update({_reason_kind(r) for r in rep.reasons})
+                members = [
+                    stored[d][start] for d in ageing if start in stored.get(d, {}) and stored[d][start].n >= full
+                ]
+                if members:
+                    merged = sum(members, WindowSketch.empty(bins))
+                    rep = evaluate_family(ref, {"group": counts(merged, members, independent)}, thr)["group"]
+                    group.append((start, rep.verdict))
+            pre = [g for g in group if onset is None or g[0] + plan.window_s <= onset]
+            post = [g for g in group if onset is not None and g[0] >= onset]
+            out[f"{name}/{mode}"] = {
+                "device_windows": dev_windows,
+                "device_windows_drift": dev_drift,
+                "device_reasons": dict(dev_reasons.most_common()),
+                "fleet_windows": fleet_windows,
+                "fleet_windows_drift": fleet_drift,
+                "fleet_reasons": dict(fleet_reasons.most_common()),
+                "group_windows_before_onset": len(pre),
+                "group_drift_before_onset": sum(g[1] == "drift" for g in pre),
+                "group_first_drift_delay_windows": _first_delay(post, onset, plan.window_s),
+            }
     # What differs between the committed reference and the stationary traffic, pooled over the tested vehicles.
-    merged = WindowSketch.empty(bins)
-    for dev in tested:
-        for sk in stored.get(dev, {}).values():
-            merged = merged + sk
-    rep = evaluate_family(entry.reference, {"all": offline_window_counts(bins, merged)}, thr)["all"]
+    parts = [sk for dev in tested for sk in stored.get(dev, {}).values()]
+    merged = sum(parts, WindowSketch.empty(bins))
+    rep = evaluate_family(entry.reference, {"all": counts(merged, parts, False)}, thr)["all"]
     ref_priors = entry.reference.class_priors
     never = {}
     for f, fname in enumerate(bins.feature_names):
@@ -678,63 +621,6 @@ def diagnose(db: DbEngine, entry: CatalogEntry, plan: Plan, vehicles: Sequence[V
         "coactivation_auc": round(rep.coactivation.statistic, 4),
     }
     return out
-
-
-# ------------------------------------------------------------------------------------ an independent reference
-
-
-def independent_reference_bundle(
-    plan: Plan, vehicles: int, hours: float, workdir: Path, *, workers: int, cache_dir: Path | None = None
-) -> Path:
-    """The committed model retrained as shipped, with its monitoring reference taken on independent drives.
-
-    ``vehicles`` simulated vehicles of the plan's scenario, with seeds and loop phases none of the
-    fleet's vehicles has, drive ``hours`` each at the fleet's rate; their records (the features the
-    agent computes, as CSV) are the trainer's ``--reference-csv``. The model is trained on the
-    committed training CSV with the committed seed, so it is the committed model (the trainer is
-    deterministic); only the monitoring reference changes. Signed with the development key.
-    """
-    from collector.training.regenerate import DATASET, DEV_KEY, TRAIN_SEED
-    from collector.training.trainer import train_bundle
-    from edge_agent.dataset import write_rows
-
-    ref_plan = Plan(
-        devices=vehicles,
-        group_size=0,
-        ageing=None,
-        hours=hours,
-        rate_hz=plan.rate_hz,
-        scenario=plan.scenario,
-        seed=plan.seed + 1_000_003,
-        batch_s=plan.batch_s,
-        window_s=plan.window_s,
-    )
-    traffic = simulate_fleet(ref_plan, workers, cache_dir)
-    csv = workdir / "independent-drives.csv"
-    with csv.open("w", encoding="utf-8", newline="") as out:
-        write_rows(out, ((f, label) for tr in traffic for f, label in zip(tr.features, tr.truth, strict=True)))
-    manifest = load_bundle(BUNDLE, load_public_keys([TRUSTED_KEY])).manifest
-    out_path = workdir / "cabin-independent-reference.tar"
-    train_bundle(
-        DATASET,
-        label_column="label",
-        out=out_path,
-        signing_key=DEV_KEY,
-        name=manifest.name,
-        version=manifest.version,
-        seed=TRAIN_SEED,
-        dataset_version=manifest.training.dataset_version,
-        description=f"{manifest.description} (monitoring reference: {vehicles} independent simulated drives)",
-        reference_csv=csv,
-    )
-    log.info(
-        "independent reference: %d vehicles x %g h (%d records) -> %s",
-        vehicles,
-        hours,
-        sum(len(t.ts) for t in traffic),
-        out_path,
-    )
-    return out_path
 
 
 # ------------------------------------------------------------------------------------ the run
@@ -1043,35 +929,25 @@ def report(result: dict[str, Any]) -> str:
     if g:
         rows = []
         for name in ("committed", "representative"):
-            x = g[name]
-            rows.append(
-                [
-                    f"{name} ({g['reference_records'][name]:,} records)",
-                    f"{x['device_windows_drift']}/{x['device_windows']}",
-                    f"{x['device_windows_input_drift_n_eff']}/{x['device_windows']}",
-                    f"{x['fleet_windows_drift']}/{x['fleet_windows']}",
-                    f"{x['group_drift_before_onset']}/{x['group_windows_before_onset']}",
-                    f"{x['group_input_drift_n_eff_before_onset']}/{x['group_windows_before_onset']}",
-                    x["group_first_drift_delay_windows"],
-                    x["group_first_input_drift_n_eff_delay_windows"],
-                ]
-            )
+            for mode in ("effective", "independent"):
+                x = g[f"{name}/{mode}"]
+                rows.append(
+                    [
+                        f"{name} ({g['reference_records'][name]:,} records)",
+                        mode,
+                        f"{x['device_windows_drift']}/{x['device_windows']}",
+                        f"{x['fleet_windows_drift']}/{x['fleet_windows']}",
+                        f"{x['group_drift_before_onset']}/{x['group_windows_before_onset']}",
+                        x["group_first_drift_delay_windows"],
+                    ]
+                )
         lines.append(
             f"diagnosis: stationary windows judged drift, on {g['tested_devices']} stationary vehicles (the other "
             f"{g['donor_devices']} make the representative reference)"
         )
         lines.append(
             table(
-                [
-                    "reference",
-                    "device: drift",
-                    "device: input n_eff",
-                    "fleet: drift",
-                    "group pre-onset",
-                    "group pre n_eff",
-                    "group delay",
-                    "group delay n_eff",
-                ],
+                ["reference", "sample sizes", "device: drift", "fleet: drift", "group pre-onset", "group delay"],
                 rows,
             )
         )
@@ -1112,14 +988,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--scenario", default="training", help="scenario of every vehicle (default training)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=2, help="processes simulating vehicles (default 2)")
-    p.add_argument(
-        "--reference-vehicles",
-        type=int,
-        default=0,
-        help="retrain the committed model with its monitoring reference on this many independent simulated "
-        "vehicles (0: the committed bundle as shipped)",
-    )
-    p.add_argument("--reference-hours", type=float, default=6.0, help="hours each reference vehicle drives")
+    p.add_argument("--bundle", type=Path, default=BUNDLE, help="model bundle (default: the committed cabin-v1)")
     p.add_argument(
         "--cache-dir",
         type=Path,
@@ -1142,21 +1011,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="alarm-storm-") as tmp:
-        bundle_path, reference = BUNDLE, "committed"
-        if args.reference_vehicles > 0:
-            bundle_path = independent_reference_bundle(
-                plan,
-                args.reference_vehicles,
-                args.reference_hours,
-                Path(tmp),
-                workers=args.workers,
-                cache_dir=args.cache_dir,
-            )
-            reference = f"independent drives: {args.reference_vehicles} vehicles x {args.reference_hours:g} h"
         options: dict[str, Any] = {
             "workers": args.workers,
             "diagnosis": not args.no_diagnosis,
-            "bundle_path": bundle_path,
+            "bundle_path": args.bundle,
             "cache_dir": args.cache_dir,
         }
         if args.postgres:
@@ -1166,7 +1024,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             outcome = run(plan, f"sqlite:///{tmp}/fleet.db", **options)
     result = summarise(outcome)
     result["database"] = "postgresql" if args.postgres else "sqlite"
-    result["reference"] = reference
+    result["bundle"] = str(args.bundle.relative_to(REPO) if args.bundle.is_relative_to(REPO) else args.bundle)
     result["commit"] = _commit()
     result["seconds"]["total"] = round(time.perf_counter() - started, 1)
     result["machine"] = machine()

@@ -39,7 +39,7 @@ PLAN = Plan(
 @pytest.fixture(scope="module")
 def storm(tmp_path_factory: pytest.TempPathFactory) -> tuple[Outcome, dict[str, Any], str]:
     url = f"sqlite:///{tmp_path_factory.mktemp('alarm-storm') / 'fleet.db'}"
-    outcome = run(PLAN, url, workers=1)
+    outcome = run(PLAN, url, workers=1, diagnosis=True)
     return outcome, summarise(outcome), url
 
 
@@ -82,3 +82,17 @@ def test_ageing_group_is_alerted_within_two_windows_of_onset(storm: tuple[Outcom
     assert not drift["group_scope_kinds_open_at_onset"]
     assert all(not d["kinds_open_at_onset"] for d in drift["per_device"].values())
     assert result["drift_target_met"], drift
+
+
+def test_effective_sample_sizes_are_what_keeps_stationary_windows_quiet(
+    storm: tuple[Outcome, dict[str, Any], str],
+) -> None:
+    _, result, _ = storm
+    g = result["diagnosis"]
+    shipped, independent = g["committed/effective"], g["committed/independent"]
+    # Counted as independent, one vehicle's records make many stationary windows "drift"; with their
+    # effective sizes (each vehicle window's own, capped by its time span) none does.
+    assert shipped["device_windows"] == independent["device_windows"] > 0
+    assert shipped["device_windows_drift"] == 0 < independent["device_windows_drift"]
+    assert shipped["group_drift_before_onset"] == 0
+    assert shipped["group_first_drift_delay_windows"] is not None and shipped["group_first_drift_delay_windows"] <= 2.0
