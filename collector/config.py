@@ -143,6 +143,12 @@ class Settings(BaseSettings):
         description="Fewest records a drift test or data-quality rate is computed on; below it the answer is "
         "not_enough_data.",
     )
+    monitoring_min_effective: float = Field(
+        20.0,
+        ge=0,
+        description="Fewest effective records (records discounted for their autocorrelation and time span) a drift "
+        "test is computed on; below it the answer is not_enough_data.",
+    )
     monitoring_accuracy_level: float = Field(
         0.95, gt=0, lt=1, description="Coverage of the expected-accuracy (Poisson-binomial) and realized intervals."
     )

@@ -160,6 +160,7 @@ class StatusThresholds:
                 fdr_q=settings.monitoring_fdr_q,
                 min_current=settings.monitoring_min_records,
                 min_reference=min(settings.monitoring_min_records, DriftThresholds().min_reference),
+                min_effective=settings.monitoring_min_effective,
             ),
             accuracy_level=settings.monitoring_accuracy_level,
             region_alpha=settings.monitoring_region_alpha,
