@@ -647,28 +647,28 @@ def summarise_profile(path: Path, threads: tuple[str, ...] = ("ingest",), top: i
 # ---------------------------------------------------------------------------------------- main
 
 
-def sketch_run(folder: Path, plan_path: Path, window: int) -> dict[str, Any]:
-    """Phase 1 again on a fresh broker and database, with the monitoring sketches on for the reference bundle."""
+def sketch_run(
+    folder: Path, plan_path: Path, window: int, *, monitoring: bool = True, tag: str = "sketch"
+) -> dict[str, Any]:
+    """Phase 1 again on a fresh broker and database, monitoring on (sketches for the reference bundle) or off."""
     import psycopg
 
     from edge_agent.config import DEFAULT_BUNDLE, DEFAULT_KEY
 
-    print("phase 5: throughput again with the monitoring sketches on ...")
-    own = folder / "sketch"
+    own = folder / tag
     own.mkdir()
+    env = (
+        {
+            "FLEET_MONITORING_ENABLED": "true",
+            # pydantic-settings reads a list setting from the environment as a JSON array.
+            "FLEET_MONITORING_BUNDLES": json.dumps([str(DEFAULT_BUNDLE)]),
+            "FLEET_MONITORING_TRUSTED_KEYS": json.dumps([str(DEFAULT_KEY)]),
+        }
+        if monitoring
+        else {"FLEET_MONITORING_ENABLED": "false"}
+    )
     with private_broker(own) as broker, temporary_database("bench_sketch") as database_url:
-        collector = Collector(
-            database_url,
-            broker.url,
-            own / "collector",
-            own / "collector.log",
-            extra_env={
-                "FLEET_MONITORING_ENABLED": "true",
-                # pydantic-settings reads a list setting from the environment as a JSON array.
-                "FLEET_MONITORING_BUNDLES": json.dumps([str(DEFAULT_BUNDLE)]),
-                "FLEET_MONITORING_TRUSTED_KEYS": json.dumps([str(DEFAULT_KEY)]),
-            },
-        )
+        collector = Collector(database_url, broker.url, own / "collector", own / "collector.log", extra_env=env)
         collector.start()
         assert collector.proc is not None and broker.proc is not None
         try:
@@ -691,6 +691,7 @@ def sketch_run(folder: Path, plan_path: Path, window: int) -> dict[str, Any]:
             alarm_row = conn.execute("SELECT count(*) FROM sequential_alarm").fetchone()
         windows, window_records = found if found is not None else (0, 0)
     return {
+        "monitoring": monitoring,
         "records": run.acked_records,
         "seconds": round(run.seconds, 3),
         "records_per_s": round(run.records_per_s, 0),
@@ -770,7 +771,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lag-seconds", type=float, default=20.0, help="length of the 10k records/s phase")
     parser.add_argument("--profile", action="store_true", help="sample the collector with py-spy in phase 1")
     parser.add_argument("--profile-raw", type=Path, help="with --profile: keep py-spy's raw stacks here")
-    parser.add_argument("--no-sketch", action="store_true", help="skip the sketch-overhead run (phase 1 again)")
+    parser.add_argument("--no-sketch", action="store_true", help="skip the sketch-overhead runs (phase 5)")
+    parser.add_argument(
+        "--sketch-pairs", type=int, default=2, help="back-to-back off/on throughput pairs for sketch_overhead (median)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--publisher", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -853,7 +857,15 @@ def main(argv: list[str] | None = None) -> int:
                 print("phase 4: COPY ceiling into a fresh inference table ...")
                 checkpoint(admin)
                 ceiling = copy_ceiling(copy_url, main_plan, CpuMeter({}), admin)
-            sketched = None if args.no_sketch else sketch_run(folder, main_path, args.window)
+            pairs: list[tuple[dict[str, Any], dict[str, Any]]] = []
+            for k in range(0 if args.no_sketch else args.sketch_pairs):
+                # Off and on back to back, fresh broker and database each: the machine's state (other
+                # work, PostgreSQL's) changes between pairs more than within one.
+                print(f"phase 5.{k + 1}: throughput with the monitoring sketches off, then on ...")
+                off = sketch_run(folder, main_path, args.window, monitoring=False, tag=f"pair{k}-off")
+                on = sketch_run(folder, main_path, args.window, monitoring=True, tag=f"pair{k}-on")
+                pairs.append((off, on))
+            sketched = pairs[-1][1] if pairs else None
             cpu = None if args.no_sketch else monitoring_cpu(main_plan, folder)
         except ServiceUnavailable as exc:
             print(f"cannot run: {exc}")
@@ -863,24 +875,29 @@ def main(argv: list[str] | None = None) -> int:
     records_per_s = phase1.records_per_s
     ratio = records_per_s / ceiling["copy_ceiling_records_per_s"]
     sketch_overhead = None
-    if sketched is not None:
-        on_rate = sketched["records_per_s"]
-        sketch_overhead = records_per_s / on_rate - 1 if on_rate > 0 else None
+    pair_overheads = [off["records_per_s"] / on["records_per_s"] - 1 for off, on in pairs if on["records_per_s"] > 0]
+    if pairs and sketched is not None:
+        sketch_overhead = float(np.median(pair_overheads)) if pair_overheads else None
         shown = "n/a" if sketch_overhead is None else f"{sketch_overhead:+.1%}"
+        each = ", ".join(
+            f"{off['records_per_s']:,.0f} off / {on['records_per_s']:,.0f} on ({ov:+.1%})"
+            for (off, on), ov in zip(pairs, pair_overheads, strict=True)
+        )
         print(
-            f"\nsketch overhead: phase 1 with monitoring sketches on {on_rate:,.0f} records/s against "
-            f"{records_per_s:,.0f} off: {shown} (target <= {TARGET_SKETCH_OVERHEAD:.0%}); "
-            f"{sketched['window_records']:,} records in {sketched['windows']:,} monitoring windows, "
-            f"{sketched['sequential_alarms']} sequential alarms"
+            f"\nsketch overhead: median over {len(pairs)} back-to-back pairs {shown} (target <= "
+            f"{TARGET_SKETCH_OVERHEAD:.0%}): {each}; {sketched['window_records']:,} records in "
+            f"{sketched['windows']:,} monitoring windows, {sketched['sequential_alarms']} sequential alarms"
         )
     collector_us: dict[str, float] | None = None
-    if sketched is not None:
+    if pairs:
+
+        def us_per_record(run: dict[str, Any]) -> float:
+            return run["cpu_share"]["collector"] * run["seconds"] / max(run["records"], 1) * 1e6
+
         # The collector's own CPU per record, off and on: where the added work shows when PostgreSQL bounds the rate.
         collector_us = {
-            "off": round(phase1.cpu["collector"] / max(phase1.acked_records, 1) * 1e6, 2),
-            "on": round(
-                sketched["cpu_share"]["collector"] * sketched["seconds"] / max(sketched["records"], 1) * 1e6, 2
-            ),
+            "off": round(float(np.median([us_per_record(off) for off, _ in pairs])), 2),
+            "on": round(float(np.median([us_per_record(on) for _, on in pairs])), 2),
         }
         print(
             f"collector CPU per record: {collector_us['off']:.2f} us with monitoring off, "
@@ -982,6 +999,10 @@ def main(argv: list[str] | None = None) -> int:
                 "sketch_overhead": TARGET_SKETCH_OVERHEAD,
             },
             "sketch_run": sketched,
+            "sketch_pairs": [
+                {"off_records_per_s": off["records_per_s"], "on_records_per_s": on["records_per_s"]}
+                for off, on in pairs
+            ],
             "monitoring_cpu": cpu,
             "collector_cpu_us_per_record": collector_us,
             "phase1": {
