@@ -97,9 +97,12 @@ def test_quick_run_goes_through_agents_and_collector() -> None:
     ref = cells["ref"]
     assert ref["realized"] > 0.8 and abs(ref["estimate"] - ref["realized"]) < 0.1
     assert ref["region"] == "reliable" and ref["drift"] == "ok"
-    # The sensors aged for three years by batch 9: most inputs moved (counted with effective sample sizes: the
-    # replayed rows are in time order and autocorrelated), drift is flagged and accuracy fell.
+    # The sensors aged for three years by batch 9: every input that could be tested moved (with effective sample
+    # sizes: the replayed rows are in acquisition order, runs of one gas, so many features have too few
+    # independent records to test), drift is flagged, the estimate marked unreliable and accuracy fell.
     aged = cells["9"]
-    assert aged["drift"] == "drift" and aged["features_drifting"] > 64 and aged["region"] == "unreliable"
+    assert ref["features_drifting"] == 0 and ref["features_tested"] > 64
+    assert aged["drift"] == "drift" and aged["features_drifting"] == aged["features_tested"] >= 10
+    assert aged["region"] == "unreliable"
     assert aged["realized"] < ref["realized"] - 0.1 and not aged["healthy"]
     assert isinstance(result["target_within_8_points"], bool)
