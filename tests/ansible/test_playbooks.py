@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 import yaml
 
+from edge_agent.cli import status_document
 from edge_agent.config import DEFAULT_KEY, load_config
 from tests.conftest import service_missing
 from tests.edge_agent.update_rig import ReleaseKey, make_bundle, reference_bundle, release_key, tar_sha
@@ -98,16 +99,8 @@ class Fleet:
         return self.prefix(device) / "etc" / "edge-agent" / "agent.yaml"
 
     def status(self, device: str) -> dict[str, Any]:
-        """``edge-agent status --json`` of one device."""
-        done = subprocess.run(
-            [sys.executable, "-m", "edge_agent", "status", "--config", str(self.config(device)), "--json"],
-            capture_output=True,
-            text=True,
-            cwd=REPO,
-            check=False,
-        )
-        assert done.returncode == 0, done.stderr[-2000:]
-        return dict(json.loads(done.stdout)["update"])
+        """The update part of ``edge-agent status --json`` (the same function, in this process)."""
+        return dict(json.loads(json.dumps(status_document(load_config(self.config(device))), default=str))["update"])
 
     def rollout(self, bundle: Path, batch: int, max_fail: int, *args: str) -> subprocess.CompletedProcess[str]:
         extra = {"rollout_bundle": str(bundle), "rollout_batch": batch, "rollout_max_fail_percentage": max_fail}
@@ -191,6 +184,15 @@ def test_install_agent_lays_out_each_device_and_a_second_run_changes_nothing(fle
             {"/opt/edge-agent": prefix / "opt" / "edge-agent", "/etc/edge-agent": etc, "/var/lib/edge-agent": state},
         )
         assert fleet.status(device)["state"] == "idle"
+    # The agent's own command reads the installed configuration.
+    shown_status = subprocess.run(
+        [sys.executable, "-m", "edge_agent", "status", "--config", str(fleet.config("dev-1"))],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        check=False,
+    )
+    assert shown_status.returncode == 0 and "device:       dev-1" in shown_status.stdout, shown_status.stderr[-2000:]
     again = run_playbook("install_agent.yml", str(fleet.inventory), fleet.root / "ansible-home")
     assert again.returncode == 0, shown(again)
     assert recap(again) == {d: {"ok": first[d]["ok"], "changed": 0, "unreachable": 0, "failed": 0} for d in DEVICES}, (
