@@ -257,8 +257,8 @@ def test_max_fail_percentage_decides_whether_a_partly_failing_batch_stops_the_ro
     fleet: Fleet, tmp_path: Path
 ) -> None:
     # Built for sim-v1 only: dev-2 (pi4-uma8-v1) refuses it, so the first batch fails by half.
-    sim_only = {"compatibility": {"hardware_profiles": ["sim-v1"], "min_agent_version": "0.1.0"}}
-    tolerated = make_bundle(tmp_path / "cabin-3.0.0.tar", fleet.key, version="3.0.0", **sim_only)
+    sim_only: dict[str, Any] = {"hardware_profiles": ["sim-v1"], "min_agent_version": "0.1.0"}
+    tolerated = make_bundle(tmp_path / "cabin-3.0.0.tar", fleet.key, version="3.0.0", compatibility=sim_only)
     done = fleet.rollout(tolerated, batch=2, max_fail=50)  # 1 of 2 is not more than 50 %
     assert done.returncode == 2, shown(done)
     assert batches(done) == [["dev-1", "dev-2"], ["dev-3", "dev-4"]], shown(done)
@@ -268,7 +268,7 @@ def test_max_fail_percentage_decides_whether_a_partly_failing_batch_stops_the_ro
     assert fleet.status("dev-2")["state"] == "incompatible"
 
     before = {device: fleet.status(device) for device in DEVICES}
-    stopped = make_bundle(tmp_path / "cabin-3.1.0.tar", fleet.key, version="3.1.0", **sim_only)
+    stopped = make_bundle(tmp_path / "cabin-3.1.0.tar", fleet.key, version="3.1.0", compatibility=sim_only)
     done = fleet.rollout(stopped, batch=2, max_fail=25)  # 1 of 2 is more than 25 %
     assert done.returncode == 2, shown(done)
     assert batches(done) == [["dev-1", "dev-2"]], shown(done)
