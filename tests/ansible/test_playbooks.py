@@ -125,6 +125,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Fleet:
                         "ansible_python_interpreter": sys.executable,
                         "edge_agent_install_package": False,
                         "edge_agent_command": [sys.executable, "-m", "edge_agent"],
+                        "edge_agent_python_bin": sys.executable,
                         "edge_agent_sensors_backend": "simulated",
                         "edge_agent_mqtt_url": "mqtt://127.0.0.1:1",
                         "edge_agent_tags": ["depot-test"],
@@ -198,6 +199,30 @@ def test_install_agent_lays_out_each_device_and_a_second_run_changes_nothing(fle
     assert recap(again) == {d: {"ok": first[d]["ok"], "changed": 0, "unreachable": 0, "failed": 0} for d in DEVICES}, (
         shown(again)
     )
+
+
+def test_a_configuration_the_agent_refuses_is_named_and_the_installed_one_stays(fleet: Fleet) -> None:
+    installed = fleet.config("dev-1").read_bytes()
+    done = run_playbook(
+        "install_agent.yml",
+        str(fleet.inventory),
+        fleet.root / "ansible-home",
+        {"edge_agent_config": {"updates": {"watch_s": -1}, "sensors": {"rate": 5}}},
+        "--limit",
+        "dev-1",
+    )
+    assert done.returncode == 2, shown(done)
+    assert "failed to validate" in done.stdout and "updates.watch_s" in done.stdout, shown(done)
+    assert "sensors.rate" in done.stdout, shown(done)
+    assert fleet.config("dev-1").read_bytes() == installed
+
+
+def test_a_rollout_of_a_missing_bundle_touches_no_device(fleet: Fleet, tmp_path: Path) -> None:
+    before = {device: fleet.status(device) for device in DEVICES}
+    done = fleet.rollout(tmp_path / "nowhere.tar", batch=2, max_fail=0)
+    assert done.returncode == 2, shown(done)
+    assert "no such file on the controller" in done.stdout, shown(done)
+    assert {device: fleet.status(device) for device in DEVICES} == before
 
 
 def batches(done: subprocess.CompletedProcess[str]) -> list[list[str]]:
