@@ -3,10 +3,11 @@
 Each "device" is an inventory host alias with ``ansible_connection: local`` whose every path lives
 under its own temporary prefix (``edge_agent_prefix``): its own agent.yaml, state directory, unit and
 profiles. With a prefix the roles create no user, install no Debian package and run no systemctl.
-The agent is this checkout's (``python -m edge_agent``, ``edge_agent_install_package: false``); no
+The agent is this checkout's (``python -m edge_agent``, ``edge_agent_install_package: false``); mostly no
 agent process runs, so ``edge-agent model install`` drives the real update state machine itself
 (verification with real Ed25519 keys, staging, the golden self-test and the offline watch with
-TFLite). Not exercised here: SSH, become, pip into a fresh venv, systemd (ansible/README.md).
+TFLite); one test rolls out through a running ``edge-agent run``. Not exercised here: SSH, become,
+pip into a fresh venv, systemd (ansible/README.md).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import yaml
 from edge_agent.cli import status_document
 from edge_agent.config import DEFAULT_KEY, load_config
 from tests.conftest import service_missing
-from tests.edge_agent.update_rig import ReleaseKey, make_bundle, reference_bundle, release_key, tar_sha
+from tests.edge_agent.update_rig import ReleaseKey, make_bundle, reference_bundle, release_key, tar_sha, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 ANSIBLE = REPO / "ansible"
@@ -184,7 +185,6 @@ def test_install_agent_lays_out_each_device_and_a_second_run_changes_nothing(fle
             "edge-agent.service",
             {"/opt/edge-agent": prefix / "opt" / "edge-agent", "/etc/edge-agent": etc, "/var/lib/edge-agent": state},
         )
-        assert fleet.status(device)["state"] == "idle"
     # The agent's own command reads the installed configuration.
     shown_status = subprocess.run(
         [sys.executable, "-m", "edge_agent", "status", "--config", str(fleet.config("dev-1"))],
@@ -258,6 +258,56 @@ def self_test_failing_bundle(out: Path, key: ReleaseKey, version: str) -> Path:
     golden = [case.model_dump(mode="json") for case in reference_bundle().manifest.golden]
     golden[0]["probabilities"] = [p + 0.25 for p in golden[0]["probabilities"]]
     return make_bundle(out, key, version=version, golden=golden)
+
+
+def test_rollout_through_a_running_agent_waits_out_its_watch_period_on_status(fleet: Fleet, tmp_path: Path) -> None:
+    device = "dev-4"
+    status_file = fleet.prefix(device) / "var" / "lib" / "edge-agent" / "status.json"
+    status_file.unlink(missing_ok=True)
+
+    def running_model() -> str | None:
+        try:
+            doc = json.loads(status_file.read_text())
+        except (OSError, ValueError):
+            return None
+        return str(doc["model"]["version"]) if doc.get("state") == "running" else None
+
+    log = tmp_path / "agent.log"
+    # The running agent watches a new model for 4 s on live inputs, longer than `model install`
+    # waits (1.5 s): the play then has to find the outcome by polling `edge-agent status`.
+    env = {**os.environ, "PYTHONPATH": str(REPO), "EDGE_AGENT_UPDATES__WATCH_S": "4"}
+    with log.open("wb") as out:
+        agent = subprocess.Popen(
+            [sys.executable, "-m", "edge_agent", "run", "--config", str(fleet.config(device))],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+            env=env,
+        )
+    try:
+        wait_for(lambda: running_model() is not None or agent.poll() is not None, 60, "the agent to run")
+        assert agent.poll() is None, log.read_text()[-3000:]
+        bundle = make_bundle(tmp_path / "cabin-4.0.0.tar", fleet.key, version="4.0.0")
+        extra = {
+            "rollout_bundle": str(bundle),
+            "rollout_install_timeout": 1.5,
+            "rollout_poll_interval": 0.5,
+            "rollout_commit_timeout": 60,
+        }
+        done = run_playbook("rollout_model.yml", str(fleet.inventory), fleet.root / "ansible-home", extra, "-l", device)
+        assert done.returncode == 0, shown(done) + log.read_text()[-3000:]
+        assert "RETRYING: [dev-4]: Wait until edge-agent status reports the outcome" in done.stdout, shown(done)
+        assert f"{device}: cabin-events 4.0.0 committed" in done.stdout
+        update = fleet.status(device)
+        assert update["state"] == "committed" and update["current"]["version"] == "4.0.0", update
+        # The running agent took the request and swapped the model in, without a restart.
+        wait_for(lambda: running_model() == "4.0.0", 30, "the running agent to report 4.0.0")
+        assert agent.poll() is None
+        assert "activated cabin-events 4.0.0" in log.read_text()  # in the agent's process, not the command's
+        assert not list((fleet.prefix(device) / "var" / "lib" / "edge-agent" / "incoming").iterdir())
+    finally:
+        agent.terminate()
+        agent.wait(30)
 
 
 def test_rollout_of_a_bundle_failing_its_self_test_stops_after_the_first_batch(fleet: Fleet, tmp_path: Path) -> None:
