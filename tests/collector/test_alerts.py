@@ -40,8 +40,8 @@ from collector.fleetctl import main as fleetctl
 from collector.jobs import EVALUATE_JOB, ROLLUP_JOB, WEBHOOK_JOB, evaluation_step, first_evaluation, start_jobs
 from collector.monitoring.service import MonitoringService
 from collector.monitoring.windows import WindowWriter
+from tests.collector.bundles import independent_cabin_bundle
 from tests.collector.monitoring.test_service import (
-    CABIN_BUNDLE,
     DEV_PUB,
     DRIFT,
     catalog,
@@ -109,7 +109,7 @@ def settings_for(url: str, **over: Any) -> Settings:
     values: dict[str, Any] = {
         "database_url": url,
         "mqtt_url": "mqtt://127.0.0.1:1",
-        "monitoring_bundles": [CABIN_BUNDLE],
+        "monitoring_bundles": [independent_cabin_bundle()],
         "monitoring_trusted_keys": [DEV_PUB],
         "monitoring_window_s": WINDOW_S,
         "monitoring_min_records": PER_WINDOW,

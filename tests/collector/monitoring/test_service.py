@@ -38,6 +38,7 @@ from shared.bundle import Manifest, calibrate, load_bundle, rare_pair_indices
 from shared.codec import encode_batch
 from shared.interpreter import load_interpreter
 from shared.signing import load_public_keys
+from tests.collector.bundles import independent_cabin_bundle
 from tests.services import create_database, drop_database
 from tests.shared.test_codec import make_batch, make_block
 
@@ -214,7 +215,7 @@ def settings_for(url: str) -> Settings:
     return Settings(
         database_url=url,
         mqtt_url="mqtt://127.0.0.1:1",
-        monitoring_bundles=[CABIN_BUNDLE],
+        monitoring_bundles=[independent_cabin_bundle()],
         monitoring_trusted_keys=[DEV_PUB],
         monitoring_window_s=WINDOW_S,
     )
@@ -222,7 +223,7 @@ def settings_for(url: str) -> Settings:
 
 @functools.cache
 def catalog() -> ReferenceCatalog:
-    cat = ReferenceCatalog.from_paths([CABIN_BUNDLE], [DEV_PUB])
+    cat = ReferenceCatalog.from_paths([independent_cabin_bundle()], [DEV_PUB])
     assert len(cat) == 1
     return cat
 
